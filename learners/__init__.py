@@ -1,0 +1,2 @@
+"""Meta-learning methods, one short module per method, composed from the ``bilevel`` core."""
+__all__: list[str] = []

@@ -1,3 +1,61 @@
-"""bilevel: bilevel optimization and meta-learning for PyTorch."""
+"""bilevel: bilevel optimization and meta-learning for PyTorch.
+
+One problem — inner dynamics w_t = Φ_t(w_{t−1}, λ) from w_0 = Φ_0(λ) and an outer objective
+E(w_T, λ) (Franceschi et al. 2018) — and interchangeable hypergradient strategies::
+
+    w_T = bilevel.solve(problem, params0, hparams, batch,
+                        dynamics=GradientDescent(lr=0.1), steps=100,
+                        hypergrad=Implicit(CG(maxiter=20)))
+    problem.outer_loss(w_T, hparams, val_batch).backward()
+"""
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+
+# --- core: problem, dynamics, hypergradient strategies, linear solvers (issue "Core") ---
+from bilevel import dynamics, hypergrad, linsolve
+from bilevel._engine import InnerState
+from bilevel.dynamics import Adam, Dynamics, GradientDescent, HeavyBall
+from bilevel.hypergrad import (
+    Checkpointed,
+    FirstOrder,
+    Forward,
+    Implicit,
+    NoInner,
+    Reverse,
+    Strategy,
+    Truncated,
+    fixed_point_condition,
+)
+from bilevel.linsolve import CG, Exact, FixedPoint, LinearSolver, Neumann
+from bilevel.problem import BilevelProblem
+from bilevel.solve import Hypergradient, hypergradient, solve
+
+__all__ = [
+    "__version__",
+    # core
+    "Adam",
+    "BilevelProblem",
+    "CG",
+    "Checkpointed",
+    "Dynamics",
+    "Exact",
+    "FirstOrder",
+    "FixedPoint",
+    "Forward",
+    "GradientDescent",
+    "HeavyBall",
+    "Hypergradient",
+    "Implicit",
+    "InnerState",
+    "LinearSolver",
+    "Neumann",
+    "NoInner",
+    "Reverse",
+    "Strategy",
+    "Truncated",
+    "dynamics",
+    "fixed_point_condition",
+    "hypergrad",
+    "hypergradient",
+    "linsolve",
+    "solve",
+]

@@ -1,0 +1,172 @@
+"""``solve``: run the inner dynamics and return w_T, differentiable as the strategy says."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from bilevel import _tree as T
+from bilevel._engine import InnerState, Run
+from bilevel._tree import Params
+from bilevel.hypergrad import Reverse, Strategy
+from bilevel.problem import BilevelProblem
+
+_STRATEGIES = "Reverse(), Checkpointed(k), Truncated(k), FirstOrder(), NoInner(), Forward(), Implicit(solver)"
+
+
+def _check_strategy(hypergrad: Any) -> Strategy:
+    if isinstance(hypergrad, type) and issubclass(hypergrad, Strategy):
+        raise TypeError(f"hypergrad must be a strategy instance, e.g. hypergrad={hypergrad.__name__}(), not the class")
+    if not isinstance(hypergrad, Strategy):
+        raise TypeError(f"unknown hypergradient strategy {hypergrad!r}; expected one of {_STRATEGIES}")
+    return hypergrad
+
+
+def _check_dynamics(dynamics: Any) -> None:
+    for name in ("init", "step", "params"):
+        if not callable(getattr(dynamics, name, None)):
+            raise TypeError(
+                f"dynamics must provide init/step/params methods (see bilevel.dynamics.Dynamics); "
+                f"{type(dynamics).__name__} has no callable {name!r}"
+            )
+
+
+def solve(
+    problem: BilevelProblem,
+    params0: Params | InnerState,
+    hparams: Params,
+    batch: Any,
+    *,
+    dynamics: Any,
+    steps: int,
+    hypergrad: Strategy | None = None,
+    return_state: bool = False,
+    check_finite: bool = True,
+) -> Params | tuple[Params, InnerState]:
+    """Run T steps of the inner dynamics and return w_T, differentiable as ``hypergrad`` says.
+
+    Invariant: w_0 = ``params0``, s_0 = dynamics.init(w_0, λ), s_t = Φ_t(s_{t−1}, λ) with
+    Φ_t = ``dynamics.step`` fed g_t = ∇_w inner_loss(w_{t−1}, λ, B_t); returns w_T = params(s_T).
+    Backpropagating ``problem.outer_loss(w_T, hparams, val_batch)`` yields the hypergradient
+    df/dλ = ∂E/∂λ + (dw_T/dλ)ᵀ ∂E/∂w as computed by the strategy (exact for Reverse,
+    Checkpointed, Forward and Truncated(T); see :mod:`bilevel.hypergrad`), and, for unrolled
+    strategies, df/dw_0 when ``params0`` requires grad (MAML-style initialisations).
+
+    Under ``torch.no_grad()`` every strategy just runs the dynamics (inference-time adaptation).
+
+    Args:
+        problem: the :class:`BilevelProblem` (inner and outer losses).
+        params0: w_0 as a dict of floating tensors (e.g. ``dict(model.named_parameters())``), or
+            an :class:`InnerState` from a previous ``solve(..., return_state=True)`` to continue
+            that run (its state is taken as a constant, except Forward's carried tangents).
+        hparams: λ as a dict of tensors; entries with ``requires_grad=True`` are differentiated.
+        batch: the inner data: one batch reused at every step, or a callable ``t -> batch`` for
+            t = 1..T (mini-batches B_t ⊂ D_tr, Franceschi et al. 2018 §2).
+        dynamics: Φ — e.g. ``GradientDescent(lr=0.1)``, ``HeavyBall``, ``Adam`` or your own.
+        steps: T ≥ 1.
+        hypergrad: the strategy (default ``Reverse()``).
+        return_state: also return the :class:`InnerState` to continue the run later (online HO).
+        check_finite: raise ``ValueError`` naming the step when the inner loss is not finite.
+
+    Returns:
+        w_T as a dict with the keys and shapes of ``params0``; with ``return_state=True``, the
+        pair (w_T, state).
+
+    Reference: Franceschi et al. (2018), eq. (1.3)–(1.4).
+    """
+    if not isinstance(problem, BilevelProblem):
+        raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
+    strategy = _check_strategy(Reverse() if hypergrad is None else hypergrad)
+    _check_dynamics(dynamics)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    T.check_tensor_dict(hparams, "hparams", allow_empty=True)
+    strategy.validate(steps)
+
+    if isinstance(params0, InnerState):
+        state0 = params0.dynamics_state
+        params_ref = {k: v.detach() for k, v in dynamics.params(state0).items()}
+        T.check_tensor_dict(params_ref, "params of the InnerState", floating=True)
+        run = Run(problem, dynamics, dict(hparams), batch, steps, check_finite, params_ref, None, state0,
+                  params0.t, params0.tangents, params0.tangent_keys)
+    else:
+        T.check_tensor_dict(params0, "params0", floating=True)
+        params0 = dict(params0)
+        state0 = dynamics.init(params0, dict(hparams))
+        T.check_like(params0, dynamics.params(state0), "params returned by dynamics.init")
+        run = Run(problem, dynamics, dict(hparams), batch, steps, check_finite, params0, params0, state0)
+
+    if not torch.is_grad_enabled():
+        from bilevel.hypergrad import NoInner
+
+        state, params = NoInner().run(run)
+    else:
+        if strategy.differentiable and not _anything_to_differentiate(run):
+            raise ValueError(
+                f"hypergrad={strategy!r} has nothing to differentiate: no tensor in hparams "
+                f"(keys {list(hparams)}) or params0 requires grad. Set requires_grad=True on the outer "
+                "variables, or run under torch.no_grad() / use NoInner() for adaptation only."
+            )
+        state, params = strategy.run(run)
+    return (params, state) if return_state else params
+
+
+def _anything_to_differentiate(run: Run) -> bool:
+    if any(v.requires_grad for v in run.hparams.values()):
+        return True
+    if run.params0 is not None and any(v.requires_grad for v in run.params0.values()):
+        return True
+    if run.batch_is_fn:
+        return True  # cannot inspect future batches without drawing them; let autograd decide
+    return T.any_requires_grad(run.batch)
+
+
+class Hypergradient(NamedTuple):
+    """Result of :func:`hypergradient`: the outer loss f(λ) and its gradients."""
+
+    value: Tensor
+    hparams: Params
+    params0: Params
+
+
+def hypergradient(
+    problem: BilevelProblem,
+    params0: Params,
+    hparams: Params,
+    batch: Any,
+    outer_batch: Any,
+    *,
+    dynamics: Any,
+    steps: int,
+    hypergrad: Strategy | None = None,
+    check_finite: bool = True,
+) -> Hypergradient:
+    """Compute f(λ) = E(w_T(λ), λ) and its gradient; no side effects on ``.grad``.
+
+    Args:
+        problem, params0, hparams, batch, dynamics, steps, hypergrad, check_finite: as in
+            :func:`solve`.
+        outer_batch: the data of the outer objective (e.g. the validation set or query set).
+
+    Returns:
+        ``Hypergradient(value, hparams, params0)``: the outer loss (detached) and dicts with the
+        gradients for the ``hparams`` and ``params0`` entries that require grad (entries that
+        do not influence f get zeros).
+    """
+    w_t = solve(problem, params0, hparams, batch, dynamics=dynamics, steps=steps, hypergrad=hypergrad,
+                check_finite=check_finite)
+    value = problem.outer_loss(w_t, hparams, outer_batch)  # type: ignore[arg-type]
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError("outer_loss must return a scalar tensor")
+    hp = {k: v for k, v in hparams.items() if v.requires_grad}
+    p0 = {k: v for k, v in params0.items() if v.requires_grad}
+    inputs = list(hp.values()) + list(p0.values())
+    grads = torch.autograd.grad(value.reshape(()), inputs, allow_unused=True) if value.requires_grad else [None] * len(inputs)
+    grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs)]
+    return Hypergradient(value.detach(), dict(zip(hp, grads[: len(hp)])), dict(zip(p0, grads[len(hp):])))
+
+
+__all__ = ["Hypergradient", "InnerState", "hypergradient", "solve"]

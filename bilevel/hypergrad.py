@@ -22,6 +22,7 @@ Bilevel Optimization*; Pedregosa (2016), Lorraine et al. (2020) for implicit dif
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.func import grad_and_value, jvp, vmap
-from torch.utils.checkpoint import checkpoint
 
 from bilevel import _tree as T
 from bilevel._engine import InnerState, Run, check_loss, check_state_params, probe_captured, unroll
@@ -75,16 +75,71 @@ class Reverse(Strategy):
         return _finish(run, unroll(run, state, run.t0, run.t_end, "graph"))
 
 
+class _Segment(torch.autograd.Function):
+    """Steps t0+1..t1 of the dynamics, recomputed with a graph during backward (internal)."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Run, t0: int, t1: int, spec: Any, n_state: int, hp_keys: list[str], *inputs: Tensor) -> Any:  # type: ignore[override]
+        ctx.run, ctx.t0, ctx.t1, ctx.spec, ctx.n_state, ctx.hp_keys = run, t0, t1, spec, n_state, hp_keys
+        ctx.rng = _rng_state(inputs)
+        ctx.save_for_backward(*inputs)
+        state = T.tree_unflatten([x.detach() for x in inputs[:n_state]], spec)
+        out, out_spec = T.tree_flatten(unroll(run, state, t0, t1, "nograd"))
+        ctx.out_spec = out_spec
+        return tuple(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grad_out: Tensor) -> Any:
+        inputs = ctx.saved_tensors
+        xs = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        run = dataclasses.replace(ctx.run, hparams={**ctx.run.hparams_detached(), **dict(zip(ctx.hp_keys, xs[ctx.n_state:]))})
+        with torch.enable_grad(), _restore_rng(ctx.rng):
+            out = T.tree_flatten(unroll(run, T.tree_unflatten(xs[: ctx.n_state], ctx.spec), ctx.t0, ctx.t1, "graph"))[0]
+        pairs = [(o, g) for o, g in zip(out, grad_out) if o.requires_grad]
+        wrt = [x for x in xs if x.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True) if pairs and wrt else [])
+        result = [next(grads) if x.requires_grad else None for x in xs]
+        return (None, None, None, None, None, None, *result)
+
+
+def _rng_state(tensors: tuple[Tensor, ...]) -> tuple[Tensor, Tensor | None]:
+    cuda = any(x.is_cuda for x in tensors) and torch.cuda.is_available()
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if cuda else None)
+
+
+class _restore_rng:
+    """Replay the RNG state of a segment's first pass (dropout etc. recompute identically)."""
+
+    def __init__(self, state: tuple[Tensor, Tensor | None]) -> None:
+        self.state = state
+
+    def __enter__(self) -> None:
+        self.saved = _rng_state(()) if self.state[1] is None else (torch.get_rng_state(), torch.cuda.get_rng_state())
+        torch.set_rng_state(self.state[0])
+        if self.state[1] is not None:
+            torch.cuda.set_rng_state(self.state[1])
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_rng_state(self.saved[0])
+        if self.saved[1] is not None:
+            torch.cuda.set_rng_state(self.saved[1])
+
+
 @dataclass(frozen=True, repr=True)
 class Checkpointed(Strategy):
-    """Exact reverse mode with gradient checkpointing: keep every ``every``-th state only.
+    """Exact reverse mode with checkpointing: store the state every ``every`` steps only.
 
-    The steps inside a segment are recomputed during the backward pass
-    (``torch.utils.checkpoint``, non-reentrant), trading ~one extra forward pass for memory
-    O(T/every + every) instead of O(T). Random operations are replayed with the same RNG state.
+    Each segment of ``every`` steps runs without recording; during the backward pass it is
+    recomputed with a graph from its stored input state and back-propagated, trading one extra
+    forward pass for memory O(T/every + every) instead of O(T) (Griewank & Walther 2008,
+    ch. 12). Random operations are replayed with the segment's RNG state. Like Forward and
+    Implicit, it differentiates with respect to ``hparams`` and ``params0`` only (tensors that
+    require grad inside ``batch`` or a closure are refused); the hypergradient itself is not
+    differentiable again.
 
     Args:
-        every: segment length in steps (≥ 1).
+        every: segment length in steps (≥ 1); about sqrt(T) minimises memory.
     """
 
     every: int = 10
@@ -95,23 +150,15 @@ class Checkpointed(Strategy):
 
     def run(self, run: Run) -> tuple[InnerState, Params]:
         state = run.state0 if run.params0 is not None else _detach_state(run)
+        probe_captured(run, "Checkpointed()")
+        hp_keys = [k for k, v in run.hparams.items() if v.requires_grad]
+        hp_vals = [run.hparams[k] for k in hp_keys]
         t = run.t0
         while t < run.t_end:
             t_next = min(t + self.every, run.t_end)
             leaves, spec = T.tree_flatten(state)
-
-            out_spec: dict[str, Any] = {}
-
-            def segment(*xs: Tensor, _t: int = t, _t_next: int = t_next, _spec: Any = spec, _o: dict = out_spec) -> tuple[Tensor, ...]:
-                s = unroll(run, T.tree_unflatten(list(xs), _spec), _t, _t_next, "graph")
-                s_leaves, _o["spec"] = T.tree_flatten(s)
-                return tuple(s_leaves)
-
-            if torch.is_grad_enabled():
-                out = checkpoint(segment, *leaves, use_reentrant=False)
-            else:
-                out = segment(*leaves)
-            state = T.tree_unflatten(list(out), out_spec["spec"])
+            out = _Segment.apply(run, t, t_next, spec, len(leaves), hp_keys, *leaves, *hp_vals)
+            state = T.tree_unflatten(list(out), T.tree_flatten(state)[1])
             t = t_next
         return _finish(run, state)
 
@@ -241,6 +288,12 @@ class Forward(Strategy):
             raise ValueError(f"Forward(chunk_size=...) must be None or an integer >= 1, got {self.chunk_size!r}")
 
     def run(self, run: Run) -> tuple[InnerState, Params]:
+        with warnings.catch_warnings():
+            # torch's forward-AD decompositions are scripted on first use (a torch-internal FutureWarning)
+            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+            return self._run(run)
+
+    def _run(self, run: Run) -> tuple[InnerState, Params]:
         hp_keys, p0_keys = _diff_inputs(run, "Forward()", with_params0=True)
         hp = run.hparams_detached()
         probe_captured(run, "Forward()")
@@ -349,7 +402,7 @@ def fixed_point_condition(phi: Callable[[Params, Params, Any], Params]) -> Condi
     return condition
 
 
-@dataclass(frozen=True, repr=True)
+@dataclass(frozen=True, repr=False)
 class Implicit(Strategy):
     """Implicit differentiation of an optimality condition F(w, λ) = 0 at the returned w_T.
 
@@ -373,7 +426,12 @@ class Implicit(Strategy):
 
     solver: LinearSolver = field(default_factory=CG)
     condition: Condition | None = None
-    batch: Any = None
+    batch: Any = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        extra = ", condition=..." if self.condition is not None else ""
+        extra += ", batch=..." if self.batch is not None else ""
+        return f"Implicit({self.solver!r}{extra})"
 
     def __post_init__(self) -> None:
         if isinstance(self.solver, type) and issubclass(self.solver, LinearSolver):

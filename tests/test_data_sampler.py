@@ -206,3 +206,14 @@ def test_make_sampler_dispatch(glyphs):
         make_sampler(glyphs["train"], ways=None, shots=1, queries=1)
     with pytest.raises(ValueError, match="no ways"):
         make_sampler(load_dataset("sinusoid"), ways=5, shots=1, queries=1)
+
+
+def test_dataset_to_device_keeps_episodes(glyphs):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    aug = Augment(crop_padding=2, flip=True, brightness=0.2)
+    on_dev = EpisodeSampler(glyphs["train"].to(dev), 5, 2, 3, meta_batch=3, seed=0, augment=aug)
+    on_cpu = EpisodeSampler(glyphs["train"], 5, 2, 3, meta_batch=3, seed=0, augment=aug)
+    a, b = on_dev.sample(4), on_cpu.sample(4)
+    assert a.support_x.device.type == dev and a.query_y.device.type == dev
+    for x, y in zip(a.to("cpu"), b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)

@@ -12,6 +12,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,11 @@ class FewShotDataset:
         return cls(images, inv.to(torch.int64), tuple(names), name, split, dict(transform),
                    dict(metadata or {}))
 
+    def to(self, device: torch.device | str) -> FewShotDataset:
+        """The same split with ``images``/``labels`` on ``device`` (e.g. a GPU-resident dataset:
+        the sampler then gathers episodes there; episode content does not depend on the device)."""
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
+
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
@@ -143,7 +149,7 @@ class FewShotDataset:
 
     def class_counts(self) -> Tensor:
         """[n_classes] int64 number of examples per class."""
-        return torch.bincount(self.labels, minlength=self.n_classes)
+        return torch.bincount(self.labels.cpu(), minlength=self.n_classes)
 
     def __repr__(self) -> str:
         return (

@@ -9,7 +9,6 @@ their own episodes of the same meta-batch), and a resumed run continues exactly
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +40,10 @@ class Episodes(NamedTuple):
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Episodes:
         """The same episodes on ``device``."""
         return Episodes(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def pin_memory(self) -> Episodes:
+        """The same episodes in pinned host memory (for asynchronous ``.to("cuda", True)``)."""
+        return Episodes(*(t.pin_memory() for t in self))
 
     def episode(self, j: int) -> Episodes:
         """Episode ``j`` alone, without the batch dimension: ([N*K, ...], [N*K], ...)."""
@@ -197,7 +200,7 @@ class EpisodeSampler(_PureSampler):
                 f"(every class needs at least {need})"
             )
         self._counts = counts
-        self._order = torch.argsort(dataset.labels, stable=True)
+        self._order = torch.argsort(dataset.labels.cpu(), stable=True)
         self._offsets = torch.cumsum(counts, 0) - counts
         self._max = int(counts.max())
         self._uniform = smallest == self._max
@@ -254,15 +257,17 @@ class EpisodeSampler(_PureSampler):
         xs = []
         # Support and query are gathered separately: two smaller allocations are much cheaper
         # than one large one (the allocator reuses them instead of mapping fresh pages).
+        images = self.dataset.images
         for part, pidx in enumerate((plan.support, plan.query)):
-            x = to_unit(self.dataset.images.index_select(0, pidx.reshape(-1)))
+            x = to_unit(images.index_select(0, pidx.reshape(-1).to(images.device)))
             if params is not None:
                 x = self.augment.apply(x, params[part])
-            if self.dataset.images.dtype == torch.uint8:
+            if images.dtype == torch.uint8:
                 x = standardize(x, self.dataset.transform)
             xs.append(x.reshape(b, pidx.shape[1], *x.shape[1:]))
-        sy = torch.arange(n).repeat_interleave(k).expand(b, n * k).contiguous()
-        qy = torch.arange(n).repeat_interleave(q).expand(b, n * q).contiguous()
+        labels = torch.arange(n, device=images.device)
+        sy = labels.repeat_interleave(k).expand(b, n * k).contiguous()
+        qy = labels.repeat_interleave(q).expand(b, n * q).contiguous()
         return Episodes(xs[0], sy, xs[1], qy)
 
 
@@ -345,7 +350,3 @@ def make_sampler(
         raise ValueError("ways is required for classification datasets")
     return EpisodeSampler(dataset, ways, shots, queries, meta_batch, seed, augment)
 
-
-def episodes_needed(episodes: int, meta_batch: int) -> int:
-    """Number of meta-batches that cover ``episodes`` episodes."""
-    return math.ceil(episodes / meta_batch)

@@ -36,6 +36,11 @@ def _check_images(x: Tensor, c: int, name: str) -> None:
         )
 
 
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
 def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, int):
         return (image_size, image_size)
@@ -73,10 +78,8 @@ class Conv4(nn.Module):
         n_classes: int | None = None,
     ) -> None:
         super().__init__()
-        if pool not in ("max", "stride"):
-            raise ValueError(f"pool must be 'max' or 'stride', got {pool!r}")
-        if bn not in BN_POLICIES:
-            raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
+        _check_choice("pool", pool, ("max", "stride"))
+        _check_choice("bn", bn, BN_POLICIES)
         self.in_channels = in_channels
         self.pool = pool
         stride = 2 if pool == "stride" else 1
@@ -161,10 +164,8 @@ class ResNet12(nn.Module):
         bn_steps: int = 1,
     ) -> None:
         super().__init__()
-        if variant not in ("imagenet", "cifar"):
-            raise ValueError(f"variant must be 'imagenet' or 'cifar', got {variant!r}")
-        if bn not in BN_POLICIES:
-            raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
+        _check_choice("variant", variant, ("imagenet", "cifar"))
+        _check_choice("bn", bn, BN_POLICIES)
         if len(channels) != 4:
             raise ValueError(f"channels must list 4 stage widths, got {channels}")
         if not 0.0 <= drop_rate < 1.0:

@@ -181,6 +181,9 @@ def save_model(
     _resolve_factory(factory)
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping of factory kwargs, got {type(config).__name__}")
+    bad_keys = [k for k in config if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(f"config keys must be str (factory keyword arguments), got {bad_keys}")
     _check_plain(dict(config), "config")
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a mapping str -> Tensor, got {type(state).__name__}")
@@ -303,8 +306,7 @@ class FewShotModel:
             if int(sy.min()) < 0:
                 raise ValueError(f"support_y labels must be in 0..N-1, found {int(sy.min())}")
             n_way = int(sy.max()) + 1
-            present = torch.zeros(n_way, dtype=torch.bool)
-            present[sy] = True
+            present = torch.bincount(sy, minlength=n_way) > 0
             if not bool(present.all()):
                 missing = torch.nonzero(~present).flatten().tolist()
                 raise ValueError(

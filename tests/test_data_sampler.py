@@ -121,6 +121,8 @@ def test_bad_input_errors_name_the_numbers(glyphs):
     s = EpisodeSampler(ds, ways=2, shots=1, queries=1, meta_batch=3)
     with pytest.raises(ValueError, match=r"indices \[3\] outside 0..2"):
         s.sample(0, indices=[0, 3])
+    with pytest.raises(ValueError, match="indices is empty"):
+        s.sample(0, indices=[])
     with pytest.raises(ValueError, match="iteration must be >= 0"):
         s.sample(-1)
     with pytest.raises(TypeError, match="SinusoidSampler"):

@@ -198,6 +198,8 @@ def test_save_model_validates(trained, tmp_path):
     with pytest.raises(TypeError, match="config must be JSON-like"):
         save_model(tmp_path / "a.pt", factory=FACTORY, config={"f": object()},
                    state=kw["state"], transform="glyphs")
+    with pytest.raises(TypeError, match=r"config keys must be str .* got \[1\]"):
+        save_model(tmp_path / "a.pt", factory=FACTORY, config={1: 2}, state={}, transform="glyphs")
     with pytest.raises(TypeError, match="key 'w' has int"):
         save_model(tmp_path / "a.pt", factory=FACTORY, config={}, state={"w": 3}, transform="glyphs")
     with pytest.raises(ValueError, match="unknown transform"):

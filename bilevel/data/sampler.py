@@ -89,6 +89,8 @@ class _PureSampler:
         if indices is None:
             return list(range(self.meta_batch))
         out = [int(i) for i in indices]
+        if not out:
+            raise ValueError("indices is empty: a sample needs at least one episode index")
         bad = [i for i in out if not 0 <= i < self.meta_batch]
         if bad:
             raise ValueError(f"episode indices {bad} outside 0..{self.meta_batch - 1} (meta_batch)")

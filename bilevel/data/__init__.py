@@ -28,6 +28,7 @@ from bilevel.data.transforms import (
     TRANSFORM_PRESETS,
     EvalTransform,
     build_transform,
+    example_shape,
     normalize,
     resolve_transform_spec,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "available_datasets",
     "build_transform",
     "default_cache_dir",
+    "example_shape",
     "load_dataset",
     "load_splits",
     "make_sampler",

@@ -59,3 +59,10 @@ __all__ = [
     "linsolve",
     "solve",
 ]
+# --- fewshot (issue 4): model files and the inference API -------------------------------
+# bilevel.data (datasets, episodic samplers) and bilevel.models (backbones) are subpackages
+# with their own __all__; they are not imported here to keep `import bilevel` light.
+from bilevel.io import atomic_save, load, save_model  # noqa: E402
+
+__all__ += ["atomic_save", "load", "save_model"]
+# --- end fewshot ---------------------------------------------------------------------------

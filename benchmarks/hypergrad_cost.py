@@ -58,7 +58,7 @@ def run_one(name: str, steps: int, n: int, threads: int) -> dict:
     log_l2 = torch.full((d,), -4.0, requires_grad=True)
     dyn = bl.GradientDescent(lr=0.1)
     # warm-up on a tiny instance: loads kernels and starts autograd threads before the baseline
-    w = bl.solve(problem, params0, {"log_l2": log_l2}, (x_tr[:4], y_tr[:4]), dynamics=dyn, steps=2, hypergrad=STRATEGIES[name]())
+    w = bl.solve(problem, params0, {"log_l2": log_l2}, (x_tr[:4], y_tr[:4]), dynamics=dyn, steps=10, hypergrad=STRATEGIES[name]())
     torch.autograd.grad(problem.outer_loss(w, {}, (x_va[:4], y_va[:4])), log_l2)
     del w
     base = _maxrss_mb()
@@ -72,8 +72,8 @@ def run_one(name: str, steps: int, n: int, threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--n", type=int, default=500, help="training (and validation) examples")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n", type=int, default=100, help="training (and validation) examples")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--one", nargs=2, metavar=("STRATEGY", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args()

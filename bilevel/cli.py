@@ -1,15 +1,338 @@
-"""The ``bilevel`` command line: one click group; methods add subcommands."""
+"""The ``bilevel`` command line: one click group, one subcommand group per method.
+
+``bilevel <method> train …`` validates its options, then makes one library call
+(:func:`bilevel.train.fit`); ``bilevel <method> eval --checkpoint OUT/model.pt …`` calls
+:func:`bilevel.train.evaluate_model`. Options shared by every method are defined once below;
+``--config FILE`` (YAML or TOML) provides defaults that flags override. Learners are imported
+lazily (``bilevel`` never imports ``learners`` at module level).
+"""
 from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import click
 
 from bilevel import __version__
 
+F = Callable[..., Any]
 
-@click.group()
+
+# --------------------------------------------------------------------------- shared helpers
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Eager ``--config`` callback: the file's keys become defaults of the command's options."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise click.BadParameter(f"config file {value!r} does not exist", ctx=ctx, param=param)
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib  # type: ignore[import-not-found]
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(path.read_text())
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise click.BadParameter(f"config file must end in .yaml, .yml or .toml, got {path.name!r}", ctx=ctx, param=param)
+    except click.BadParameter:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported as a usage error naming the file
+        raise click.BadParameter(f"cannot parse {value}: {e}", ctx=ctx, param=param) from e
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value} must hold a mapping of option names to values", ctx=ctx, param=param)
+    known = {p.name for p in ctx.command.params}
+    normalized = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(k for k in normalized if k not in known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown option(s) {unknown} for `{ctx.command_path}`", ctx=ctx, param=param)
+    ctx.default_map = {**(ctx.default_map or {}), **normalized}
+    return value
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be > 0, got {value}", ctx=ctx, param=param)
+    return value
+
+
+def _hypergrad(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from bilevel.hypergrad import from_string
+
+    try:
+        from_string(value)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return value
+
+
+def _schedule(ctx: click.Context, param: click.Parameter, value: str | None) -> list[tuple[int, float]]:
+    if not value:
+        return []
+    out = []
+    for part in value.split(","):
+        try:
+            it, factor = part.split(":")
+            out.append((int(it), float(factor)))
+        except ValueError:
+            raise click.BadParameter(f"expected ITER:FACTOR[,ITER:FACTOR…], got {value!r}", ctx=ctx, param=param) from None
+    return out
+
+
+def _options(*decorators: F) -> F:
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+POS_INT = click.IntRange(min=1)
+
+config_option = click.option("--config", type=click.Path(dir_okay=False), callback=_load_config_file, is_eager=True,
+                             expose_value=False, help="YAML or TOML file with option defaults (flags override it).")
+
+data_options = _options(
+    click.option("--dataset", default="glyphs", show_default=True,
+                 help="omniglot, mini-imagenet, tiered-imagenet, cifar-fs, fc100, sinusoid or glyphs (offline)."),
+    click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the dataset files."),
+    click.option("--ways", type=POS_INT, default=5, show_default=True, help="N classes per episode."),
+    click.option("--shots", type=POS_INT, default=1, show_default=True, help="K support examples per class (test time)."),
+    click.option("--train-shots", type=POS_INT, default=None, help="K at training time (default: --shots)."),
+    click.option("--train-ways", type=POS_INT, default=None, help="N at training time (default: --ways)."),
+    click.option("--queries", type=POS_INT, default=15, show_default=True, help="Q query examples per class."),
+    click.option("--meta-batch", type=POS_INT, default=4, show_default=True, help="Episodes per outer step."),
+    click.option("--rotations/--no-rotations", default=None, help="Omniglot: 90° rotations as new classes."),
+    click.option("--split-by", type=click.Choice(["alphabet", "character"]), default=None, help="Omniglot class split."),
+)
+
+run_options = _options(
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …"),
+    click.option("--threads", type=POS_INT, default=None, help="torch CPU threads (default: torch's)."),
+)
+
+inner_options = _options(
+    click.option("--inner-steps", type=POS_INT, default=None, help="Inner steps T at training time."),
+    click.option("--inner-lr", type=float, default=None, callback=_positive, help="Inner step size (initial value if learned)."),
+    click.option("--hypergrad", default=None, callback=_hypergrad,
+                 help="reverse, first-order, truncated:K, checkpointed:K, forward, implicit[-cg:K], no-inner, …"),
+)
+
+train_options = _options(
+    click.option("--iterations", type=POS_INT, default=1000, show_default=True, help="Outer steps."),
+    click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="Outer optimizer (default per method)."),
+    click.option("--outer-lr", type=float, default=None, callback=_positive, help="Outer learning rate (default per method)."),
+    click.option("--weight-decay", type=float, default=None, help="Outer weight decay (default per method)."),
+    click.option("--lr-schedule", default=None, callback=_schedule, help="Piecewise factors, e.g. 2000:0.1,4000:0.01."),
+    click.option("--grad-clip", type=float, default=None, callback=_positive, help="Clip the meta-gradient norm."),
+    click.option("--augment/--no-augment", default=False, show_default=True, help="Crop/flip/colour-jitter training images."),
+    click.option("--val-every", type=POS_INT, default=500, show_default=True),
+    click.option("--val-episodes", type=POS_INT, default=100, show_default=True),
+    click.option("--test-episodes", type=POS_INT, default=600, show_default=True),
+    click.option("--checkpoint-every", type=POS_INT, default=100, show_default=True),
+    click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder."),
+    click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint."),
+    click.option("--progress/--no-progress", default=True, show_default=True),
+)
+
+
+@dataclass
+class Method:
+    """A CLI method: learner factory, one-line description, its own options and defaults."""
+
+    factory: str
+    help: str
+    options: list[F] = field(default_factory=list)
+    inner: bool = True  # takes --inner-steps / --inner-lr / --hypergrad
+    defaults: dict[str, Any] = field(default_factory=dict)  # optimizer/outer-lr/weight-decay defaults
+    to_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda o: o
+
+
+def _gradient_config(o: dict[str, Any]) -> dict[str, Any]:
+    """Options of the optimisation-based learners -> learner kwargs (None = learner default)."""
+    keys = ("backbone", "inner_steps", "inner_lr", "eval_steps", "hypergrad")
+    cfg = {k: o[k] for k in keys if o.get(k) is not None}
+    if o.get("first_order"):
+        if o.get("hypergrad") not in (None, "first-order"):
+            raise click.UsageError("--first-order conflicts with --hypergrad " + str(o["hypergrad"]))
+        cfg["hypergrad"] = "first-order"
+    if o.get("filters") is not None:
+        cfg["backbone_options"] = {"filters": o["filters"]}
+    return cfg
+
+
+backbone_option = click.option("--backbone", default=None, help="conv4, conv4-32, resnet12, mlp (default per dataset).")
+filters_option = click.option("--filters", type=POS_INT, default=None, help="Conv-4 filters (64 or 32).")
+eval_steps_option = click.option("--eval-steps", type=POS_INT, default=None, help="Inner steps at test time.")
+
+METHODS: dict[str, Method] = {
+    "maml": Method(
+        "learners.maml:MAML", "MAML (Finn et al. 2017): a learned initialisation adapted by gradient descent.",
+        [backbone_option, filters_option, eval_steps_option,
+         click.option("--first-order", is_flag=True, help="First-order MAML (same as --hypergrad first-order).")],
+        to_config=_gradient_config),
+    "meta-sgd": Method(
+        "learners.meta_sgd:MetaSGD", "Meta-SGD (Li et al. 2017): learned initialisation and elementwise step sizes.",
+        [backbone_option, filters_option, eval_steps_option], to_config=_gradient_config),
+    "meta-curvature": Method(
+        "learners.meta_curvature:MetaCurvature",
+        "Meta-Curvature (Park & Oliva 2019): gradients transformed by learned curvature matrices.",
+        [backbone_option, filters_option, eval_steps_option], to_config=_gradient_config),
+    "meta-lstm": Method(
+        "learners.meta_lstm:MetaLSTM", "Meta-LSTM (Ravi & Larochelle 2017): an LSTM meta-learner as the inner optimiser.",
+        [backbone_option, filters_option, eval_steps_option,
+         click.option("--hidden-size", type=POS_INT, default=None, help="Hidden units of the first LSTM layer.")],
+        to_config=lambda o: {**_gradient_config(o), **({"hidden_size": o["hidden_size"]} if o.get("hidden_size") else {})}),
+    "hyper-repr": Method(
+        "learners.hyper_repr:HyperRepr",
+        "Hyper-Representation (Franceschi et al. 2018): a meta-learned representation with logistic-regression heads.",
+        [backbone_option, filters_option, eval_steps_option,
+         click.option("--variant", type=click.Choice(["bilevel", "approx", "classic"]), default=None,
+                      help="bilevel (default), approx (NoInner) or classic (joint multitask), App. A.")],
+        to_config=lambda o: {**_gradient_config(o), **({"variant": o["variant"]} if o.get("variant") else {})}),
+    "metaoptnet": Method(
+        "learners.metaoptnet:MetaOptNet", "MetaOptNet (Lee et al. 2019): differentiable convex heads on a backbone.",
+        [backbone_option, filters_option,
+         click.option("--head", type=click.Choice(["svm", "ridge", "r2d2", "proto"]), default="svm", show_default=True),
+         click.option("--C", "C", type=float, default=None, callback=_positive, help="SVM regularisation C."),
+         click.option("--lam", type=float, default=None, callback=_positive, help="Ridge/R2D2 regularisation λ."),
+         click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=None),
+         click.option("--max-iter", type=POS_INT, default=None, help="QP iterations at training time."),
+         click.option("--eval-max-iter", type=POS_INT, default=None, help="QP iterations at test time (paper: 3).")],
+        inner=False, defaults={"optimizer": "sgd", "outer_lr": 0.1, "weight_decay": 5e-4},
+        to_config=lambda o: {k: o[k] for k in ("backbone", "head", "C", "lam", "label_smoothing", "max_iter", "eval_max_iter")
+                             if o.get(k) is not None} | ({"backbone_options": {"filters": o["filters"]}} if o.get("filters") else {})),
+}
+
+
+def _data_config(o: dict[str, Any]) -> Any:
+    from bilevel.train import DataConfig
+
+    options: dict[str, Any] = {}
+    if o.get("rotations") is not None:
+        options["rotations"] = o["rotations"]
+    if o.get("split_by") is not None:
+        options["split_by"] = o["split_by"]
+    if options and o["dataset"] != "omniglot":
+        raise click.UsageError("--rotations/--split-by apply to --dataset omniglot only")
+    return DataConfig(dataset=o["dataset"], data_root=o["data_root"], ways=o["ways"], shots=o["shots"],
+                      queries=o["queries"], train_shots=o["train_shots"], train_ways=o["train_ways"],
+                      meta_batch=o["meta_batch"], augment=o.get("augment", False), options=options)
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    from bilevel.data import DatasetNotFoundError
+
+    return (DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError, TypeError)
+
+
+def _make_method_group(name: str, m: Method) -> click.Group:
+    @click.group(name=name, help=m.help, short_help=m.help.split(":")[0])
+    def group() -> None:
+        pass
+
+    def train(**o: Any) -> None:
+        from bilevel.train import TrainConfig, fit
+
+        data = _data_config(o)
+        learner_config = m.to_config(o)
+        cfg = TrainConfig(
+            iterations=o["iterations"], optimizer=o["optimizer"] or m.defaults.get("optimizer", "adam"),
+            lr=o["outer_lr"] or m.defaults.get("outer_lr", 1e-3),
+            weight_decay=o["weight_decay"] if o["weight_decay"] is not None else m.defaults.get("weight_decay", 0.0),
+            lr_schedule=o["lr_schedule"], grad_clip=o["grad_clip"], val_every=o["val_every"],
+            val_episodes=o["val_episodes"], test_episodes=o["test_episodes"], checkpoint_every=o["checkpoint_every"],
+            seed=o["seed"], device=o["device"], out=o["out"], progress=o["progress"], threads=o["threads"])
+        try:
+            metrics = fit(m.factory, learner_config, data, cfg, resume=o["resume"])
+        except _library_errors() as e:
+            raise click.UsageError(str(e)) from None
+        except FloatingPointError as e:
+            raise click.ClickException(str(e)) from None
+        t = metrics["test"]
+        click.echo(f"test {t['metric']}: {t['mean']:.4f} ± {t['ci95']:.4f} ({t['episodes']} episodes); "
+                   f"model: {Path(cfg.out) / 'model.pt'}")
+
+    params = [config_option, data_options, run_options, train_options, *m.options]
+    if m.inner:
+        params.append(inner_options)
+    for dec in reversed(params):
+        train = dec(train)
+    group.command("train", help=f"Meta-train {name} and test it; writes model.pt, metrics.json, log.csv, curves.png.")(train)
+
+    def evaluate(**o: Any) -> None:
+        from bilevel.train import evaluate_model
+
+        data = _data_config(o)
+        overrides = {}
+        if o.get("eval_steps") is not None:
+            overrides["eval_steps"] = o["eval_steps"]
+        if o.get("eval_max_iter") is not None:
+            overrides["eval_max_iter"] = o["eval_max_iter"]
+        try:
+            result = evaluate_model(o["checkpoint"], data, o["episodes"], seed=o["seed"], device=o["device"],
+                                    overrides=overrides or None, progress=o["progress"])
+        except _library_errors() as e:
+            raise click.UsageError(str(e)) from None
+        click.echo(f"{result['metric']}: {result['mean']:.4f} ± {result['ci95']:.4f} ({result['episodes']} episodes)")
+        if o["out"]:
+            out = Path(o["out"])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps({"test": result}, indent=2))
+
+    eval_params = [
+        config_option, data_options, run_options,
+        click.option("--checkpoint", type=click.Path(exists=True), required=True, help="model.pt (or its run folder)."),
+        click.option("--episodes", type=POS_INT, default=600, show_default=True),
+        click.option("--out", type=click.Path(file_okay=False), default=None, help="Also write OUT/eval.json."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    ]
+    if m.inner:
+        eval_params.append(click.option("--eval-steps", type=POS_INT, default=None, help="Inner steps at test time."))
+    if name == "metaoptnet":
+        eval_params.append(click.option("--eval-max-iter", type=POS_INT, default=None, help="QP iterations at test time."))
+    for dec in reversed(eval_params):
+        evaluate = dec(evaluate)
+    group.command("eval", help=f"Evaluate a trained {name} model: mean accuracy (or MSE) ± 95% CI.")(evaluate)
+    return group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bilevel")
 def main() -> None:
     """bilevel: bilevel optimization and meta-learning for PyTorch."""
 
 
-__all__ = ["main"]
+for _name, _method in METHODS.items():
+    main.add_command(_make_method_group(_name, _method))
+
+
+@main.command("plot")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+def plot(out: str) -> None:
+    """Write OUT/curves.png from the run's log.csv."""
+    from bilevel.plot import plot_run
+
+    try:
+        path = plot_run(out)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(str(path))
+
+
+__all__ = ["METHODS", "main"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -509,4 +509,54 @@ __all__ = [
     "Strategy",
     "Truncated",
     "fixed_point_condition",
+    "from_string",
 ]
+
+
+def from_string(spec: str) -> Strategy:
+    """Parse a strategy written as text (CLI ``--hypergrad``, JSON configs).
+
+    Forms: ``reverse``, ``first-order``, ``no-inner``, ``forward``, ``truncated:K``,
+    ``checkpointed:K``, ``implicit`` (= ``implicit-cg:20``), ``implicit-cg:K``,
+    ``implicit-neumann:K[:ALPHA]``, ``implicit-fixed-point:K``, ``implicit-exact``.
+
+    Raises:
+        ValueError: naming the unknown form or the bad number.
+    """
+    from bilevel.linsolve import Exact, FixedPoint, Neumann
+
+    if not isinstance(spec, str):
+        raise TypeError(f"a strategy string is expected, got {type(spec).__name__}")
+    name, *args = spec.strip().lower().split(":")
+
+    def number(i: int, kind: type, default: Any = None) -> Any:
+        if i >= len(args):
+            if default is None:
+                raise ValueError(f"hypergradient {spec!r} needs a number: e.g. {name}:10")
+            return default
+        try:
+            return kind(args[i])
+        except ValueError:
+            raise ValueError(f"hypergradient {spec!r}: {args[i]!r} is not a valid {kind.__name__}") from None
+
+    simple = {"reverse": Reverse, "first-order": FirstOrder, "no-inner": NoInner, "forward": Forward}
+    if name in simple and not args:
+        return simple[name]()
+    if name == "truncated":
+        return Truncated(number(0, int))
+    if name == "checkpointed":
+        return Checkpointed(number(0, int))
+    if name == "implicit" and not args:
+        return Implicit(CG(maxiter=20))
+    if name == "implicit-cg":
+        return Implicit(CG(maxiter=number(0, int)))
+    if name == "implicit-neumann":
+        return Implicit(Neumann(maxiter=number(0, int), alpha=number(1, float, 0.1)))
+    if name == "implicit-fixed-point":
+        return Implicit(FixedPoint(maxiter=number(0, int)))
+    if name == "implicit-exact" and not args:
+        return Implicit(Exact())
+    raise ValueError(
+        f"unknown hypergradient {spec!r}; expected one of: reverse, first-order, no-inner, forward, truncated:K, "
+        "checkpointed:K, implicit, implicit-cg:K, implicit-neumann:K[:ALPHA], implicit-fixed-point:K, implicit-exact"
+    )

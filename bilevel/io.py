@@ -343,7 +343,12 @@ class FewShotModel:
         return out.detach()
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> FewShotModel:
+def load(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    config_overrides: Mapping[str, Any] | None = None,
+) -> FewShotModel:
     """Rebuild a trained few-shot learner saved by :func:`save_model`.
 
     Invariant: ``load(path).predict(sx, sy, qx)`` equals the saved learner's
@@ -352,6 +357,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> FewS
     Args:
         path: a file written by :func:`save_model` (read with ``torch.load(weights_only=True)``).
         device: where the learner and the inputs of ``predict`` are placed.
+        config_overrides: entries of the saved factory config to replace before rebuilding
+            (e.g. ``{"eval_steps": 10}`` to adapt longer at test time); unknown keys are refused.
 
     Returns:
         A :class:`FewShotModel` with ``.transform``, ``.predict`` and ``.learner``.
@@ -380,7 +387,13 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> FewS
             raise ValueError(f"model file {path} lacks the key {key!r}")
     factory = payload["factory"]
     build = _resolve_factory(factory)
-    learner = build(**payload["config"])
+    config = dict(payload["config"])
+    if config_overrides:
+        unknown = [k for k in config_overrides if k not in config]
+        if unknown:
+            raise ValueError(f"config_overrides {unknown} are not options of {factory} (it has {sorted(config)})")
+        config.update(config_overrides)
+    learner = build(**config)
     for method in ("load_state_dict", "predict_episode"):
         if not callable(getattr(learner, method, None)):
             raise TypeError(
@@ -396,7 +409,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> FewS
     return FewShotModel(
         learner,
         factory=factory,
-        config=payload["config"],
+        config=config,
         transform_spec=spec,
         metadata=payload.get("metadata", {}),
         device=dev,

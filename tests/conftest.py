@@ -13,6 +13,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # One intra-op thread: the suite is dominated by small ops, for which a second OpenMP
+    # thread only adds synchronisation (and collapses on a loaded 2-core machine).
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 

@@ -1,0 +1,124 @@
+"""Shared pieces of the optimisation-based learners (MAML, Meta-SGD, Meta-Curvature, Meta-LSTM).
+
+Each of these adapts a whole network to a task from a learned initialisation θ (= params0)
+with some inner dynamics Φ whose coefficients are meta-learned too (= hparams); the subclasses
+only say which dynamics and which hparams (Franceschi et al. 2018, §3, "learning-to-optimize").
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import bilevel as bl
+from bilevel.hypergrad import from_string
+from bilevel.learner import MetaLearner
+from bilevel.models import build_backbone
+
+
+def make_network(backbone: str | None, example_shape: Sequence[int], ways: int | None, options: dict[str, Any] | None) -> nn.Module:
+    """A backbone ending in a prediction head: ``ways`` logits, or one regression output.
+
+    ``backbone=None`` picks ``mlp`` for regression and ``conv4`` for images.
+    """
+    opts = dict(options or {})
+    if backbone is None:
+        backbone = "mlp" if ways is None else "conv4"
+    if ways is None:
+        if len(example_shape) != 1:
+            raise ValueError(f"regression learners need vector inputs, got example shape {list(example_shape)}")
+        return build_backbone(backbone, in_features=int(example_shape[0]), out_features=1, **opts)
+    if len(example_shape) != 3:
+        raise ValueError(f"classification learners need image inputs [C, H, W], got example shape {list(example_shape)}")
+    c, h, _ = example_shape
+    return build_backbone(backbone, in_channels=int(c), image_size=int(h), n_classes=int(ways), **opts)
+
+
+class GradientLearner(MetaLearner):
+    """Adapt the whole network per task: w_0 = θ, w_t = Φ_t(w_{t−1}, λ) on the support set.
+
+    Invariant: the meta-loss is 1/B Σ_j E(w_T^j, D_query^j) with w_T^j from
+    :func:`bilevel.solve` on episode j, so its gradient is the hypergradient w.r.t. θ and λ as
+    computed by ``hypergrad``.
+
+    Subclasses implement :meth:`dynamics` (Φ) and may add meta-learned tensors to
+    :meth:`hparams`.
+
+    Args:
+        example_shape: [C, H, W] images or [D] vectors (filled in by the training loop).
+        ways: N for classification (size of the head), ``None`` for regression.
+        backbone: a name from :func:`bilevel.models.build_backbone` (``conv4``, ``conv4-32``, ``mlp``);
+            default ``mlp`` for regression, ``conv4`` for images.
+        backbone_options: extra backbone kwargs (e.g. ``{"filters": 32}``).
+        inner_steps: T at training time.
+        inner_lr: the inner step size α (initial value where it is learned).
+        eval_steps: T at test time (default ``inner_steps``).
+        hypergrad: the strategy as text (:func:`bilevel.hypergrad.from_string`), e.g.
+            ``"reverse"`` (second order) or ``"first-order"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        example_shape: Sequence[int],
+        ways: int | None,
+        backbone: str | None = None,
+        backbone_options: dict[str, Any] | None = None,
+        inner_steps: int = 1,
+        inner_lr: float = 0.4,
+        eval_steps: int | None = None,
+        hypergrad: str = "reverse",
+    ) -> None:
+        super().__init__()
+        for name, v in (("inner_steps", inner_steps), ("eval_steps", eval_steps if eval_steps is not None else 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not inner_lr > 0:
+            raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
+        self.config = {
+            "example_shape": list(example_shape), "ways": ways, "backbone": backbone,
+            "backbone_options": dict(backbone_options or {}), "inner_steps": inner_steps,
+            "inner_lr": float(inner_lr), "eval_steps": eval_steps, "hypergrad": hypergrad,
+        }
+        self.task = "regression" if ways is None else "classification"
+        self.net = make_network(backbone, example_shape, ways, backbone_options)
+        self.inner_steps = inner_steps
+        self.eval_steps = eval_steps if eval_steps is not None else inner_steps
+        self.inner_lr = float(inner_lr)
+        self.strategy = from_string(hypergrad)
+        self.problem = bl.BilevelProblem(self.task_loss, self.task_loss)
+
+    # -- the inner problem --------------------------------------------------------------------
+    def task_loss(self, params: dict[str, Tensor], hparams: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        """L(w; D) on one task: cross-entropy (classification) or mean squared error."""
+        x, y = batch
+        out = functional_call(self.net, params, (x,))
+        return F.mse_loss(out, y) if self.task == "regression" else F.cross_entropy(out, y)
+
+    def dynamics(self) -> bl.Dynamics:
+        """Φ: the inner update rule (overridden by each method)."""
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Tensor]:
+        """Meta-learned tensors used by the dynamics (λ)."""
+        return {}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int) -> dict[str, Tensor]:
+        """w_T for one task (support set [n, ...], labels [n])."""
+        return bl.solve(self.problem, dict(self.net.named_parameters()), self.hparams(), (support_x, support_y),
+                        dynamics=self.dynamics(), steps=steps, hypergrad=self.strategy)
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, train: bool = True) -> Tensor:
+        steps = self.inner_steps if train else self.eval_steps
+        preds = []
+        for j in range(support_x.shape[0]):
+            w = self.adapt(support_x[j], support_y[j], steps)
+            preds.append(functional_call(self.net, w, (query_x[j],)))
+        return torch.stack(preds)
+
+
+__all__ = ["GradientLearner", "make_network"]

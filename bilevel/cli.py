@@ -145,6 +145,7 @@ train_options = _options(
     click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder."),
     click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint."),
     click.option("--progress/--no-progress", default=True, show_default=True),
+    click.option("--tensorboard/--no-tensorboard", default=True, show_default=True, help="Also log TensorBoard events."),
 )
 
 
@@ -254,7 +255,8 @@ def _make_method_group(name: str, m: Method) -> click.Group:
             weight_decay=o["weight_decay"] if o["weight_decay"] is not None else m.defaults.get("weight_decay", 0.0),
             lr_schedule=o["lr_schedule"], grad_clip=o["grad_clip"], val_every=o["val_every"],
             val_episodes=o["val_episodes"], test_episodes=o["test_episodes"], checkpoint_every=o["checkpoint_every"],
-            seed=o["seed"], device=o["device"], out=o["out"], progress=o["progress"], threads=o["threads"])
+            seed=o["seed"], device=o["device"], out=o["out"], progress=o["progress"], threads=o["threads"],
+            tensorboard=o["tensorboard"])
         try:
             metrics = fit(m.factory, learner_config, data, cfg, resume=o["resume"])
         except _library_errors() as e:

@@ -375,6 +375,7 @@ def fit(
                                 "train": {k: v for k, v in asdict(cfg).items() if k not in ("iterations", "progress", "tensorboard", "out", "device", "threads")},
                                 "world_size": world})
     start, best, elapsed = 0, {"mean": None, "iteration": None}, 0.0
+    running = [0.0, 0.0, 0]  # sums of train loss and metric since the last log row, and their count
     ckpt_path = out / CHECKPOINT
     if resume:
         if not ckpt_path.exists():
@@ -390,6 +391,7 @@ def fit(
         samplers.train.load_state_dict(ckpt["sampler"])
         _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start, best, elapsed = ckpt["iteration"], ckpt["best"], ckpt["elapsed"]
+        running = ckpt["running"]
     elif rank == 0 and ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
     if rank == 0:
@@ -406,7 +408,7 @@ def fit(
             atomic_save({"identity": run_identity, "iteration": iteration, "learner": learner.state_dict(),
                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "sampler": samplers.train.state_dict(), "rng": rngs, "best": best,
-                         "elapsed": elapsed + time.perf_counter() - t_start}, ckpt_path)
+                         "running": running, "elapsed": elapsed + time.perf_counter() - t_start}, ckpt_path)
 
     bar = None
     if cfg.progress and rank == 0:
@@ -414,7 +416,6 @@ def fit(
 
         bar = tqdm(total=cfg.iterations, initial=start, desc=f"train {type(learner).__name__}", dynamic_ncols=True)
     t_start = time.perf_counter()
-    run_loss, run_metric, run_n = 0.0, 0.0, 0
     last_val: dict[str, Any] | None = None
     learner.train()
     try:
@@ -443,19 +444,18 @@ def fit(
             opt.step()
             sched.step()
             samplers.train.iteration = it + 1
-            run_loss += float(stats[0])
-            run_metric += float(stats[1])
-            run_n += 1
+            running = [running[0] + float(stats[0]), running[1] + float(stats[1]), running[2] + 1]
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.iterations:
-                logger.log(done, "train", run_loss / run_n, run_metric / run_n, float("nan"), opt.param_groups[0]["lr"],
+                mean_loss, mean_metric = running[0] / running[2], running[1] / running[2]
+                logger.log(done, "train", mean_loss, mean_metric, float("nan"), opt.param_groups[0]["lr"],
                            elapsed + time.perf_counter() - t_start)
                 if bar is not None:
-                    post = {"loss": f"{run_loss / run_n:.4f}", learner_metric(learner): f"{run_metric / run_n:.4f}"}
+                    post = {"loss": f"{mean_loss:.4f}", learner_metric(learner): f"{mean_metric:.4f}"}
                     if last_val is not None:
                         post["val"] = f"{last_val['mean']:.4f}"
                     bar.set_postfix(post)
-                run_loss, run_metric, run_n = 0.0, 0.0, 0
+                running = [0.0, 0.0, 0]
             if done % cfg.val_every == 0 or done == cfg.iterations:
                 last_val = evaluate_learner(learner, samplers.val, cfg.val_episodes, device=device)
                 logger.log(done, "val", float("nan"), last_val["mean"], last_val["ci95"], opt.param_groups[0]["lr"],

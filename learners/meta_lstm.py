@@ -144,14 +144,19 @@ class MetaLSTM(GradientLearner):
         hypergrad: default ``"first-order"``.
         inner_steps: T at training time (default 5: the input gates start at i ≈ 0.01, so a
             single step would barely move θ).
-        **kwargs: see :class:`learners.common.GradientLearner` (``inner_lr`` is unused: the
-            step sizes are the input gates).
+        inner_lr: refused (``ValueError``): the step sizes are the input gates.
+        **kwargs: the other options of :class:`learners.common.GradientLearner`.
     """
 
-    def __init__(self, *, hidden_size: int = 20, hypergrad: str = "first-order", inner_steps: int = 5, **kwargs: Any) -> None:
+    def __init__(self, *, hidden_size: int = 20, hypergrad: str = "first-order", inner_steps: int = 5,
+                 inner_lr: float | None = None, **kwargs: Any) -> None:
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 0:
             raise ValueError(f"hidden_size must be an integer >= 0, got {hidden_size!r}")
+        if inner_lr is not None:
+            raise ValueError("Meta-LSTM has no inner_lr: its step sizes are the learned input gates i_t "
+                             "(initial bias b_i ~ U[-5, -4], i ≈ 0.01)")
         super().__init__(hypergrad=hypergrad, inner_steps=inner_steps, **kwargs)
+        del self.config["inner_lr"]  # not an option of this learner
         self.config["hidden_size"] = hidden_size
         self.meta_lstm = MetaLSTMOptimizer(hidden_size)
 

@@ -149,6 +149,13 @@ def test_first_order_meta_gradient_matches_manual_unroll(gen: torch.Generator, f
         torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-14, msg=k)
 
 
-def test_bad_hidden_size() -> None:
+def test_bad_options_and_config_round_trip() -> None:
     with pytest.raises(ValueError, match="hidden_size"):
         MetaLSTM(**TINY, hidden_size=-1)
+    with pytest.raises(ValueError, match="no inner_lr"):
+        MetaLSTM(**TINY, inner_lr=0.1)
+    m = MetaLSTM(**TINY, hidden_size=3)
+    assert "inner_lr" not in m.config and m.config["inner_steps"] == 5
+    rebuilt = type(m)(**m.config)
+    rebuilt.load_state_dict(m.state_dict())
+    assert rebuilt.meta_lstm.weight_hh.shape == (12, 3)

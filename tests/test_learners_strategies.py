@@ -10,8 +10,8 @@ from learners.meta_curvature import MetaCurvature
 from learners.meta_lstm import MetaLSTM
 from learners.meta_sgd import MetaSGD
 
-TINY = {"example_shape": [1], "ways": None, "backbone": "mlp", "backbone_options": {"hidden": [3]}, "inner_steps": 3, "inner_lr": 0.05}
-LEARNERS = [(MetaSGD, {}), (MetaCurvature, {}), (MetaLSTM, {"hidden_size": 2})]
+TINY = {"example_shape": [1], "ways": None, "backbone": "mlp", "backbone_options": {"hidden": [3]}, "inner_steps": 3}
+LEARNERS = [(MetaSGD, {"inner_lr": 0.05}), (MetaCurvature, {"inner_lr": 0.05}), (MetaLSTM, {"hidden_size": 2})]
 
 
 @pytest.mark.parametrize(("cls", "extra"), LEARNERS, ids=[c.__name__ for c, _ in LEARNERS])

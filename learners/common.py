@@ -6,7 +6,7 @@ only say which dynamics and which hparams (Franceschi et al. 2018, §3, "learnin
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,22 +20,50 @@ from bilevel.learner import MetaLearner
 from bilevel.models import build_backbone
 
 
-def make_network(backbone: str | None, example_shape: Sequence[int], ways: int | None, options: dict[str, Any] | None) -> nn.Module:
+def make_network(backbone: str | None, example_shape: Sequence[int], ways: int | None, options: dict[str, Any] | None,
+                 *, head: bool = True) -> nn.Module:
     """A backbone ending in a prediction head: ``ways`` logits, or one regression output.
 
-    ``backbone=None`` picks ``mlp`` for regression and ``conv4`` for images.
+    ``backbone=None`` picks ``mlp`` for regression and ``conv4`` for images. With
+    ``head=False`` it is a representation instead (features [M, d]): images go through the
+    backbone without its linear head (default ``conv4-32``), vectors through an MLP
+    in -> 40 -> ReLU -> 40 (``options`` override ``hidden``/``out_features``).
     """
     opts = dict(options or {})
-    if backbone is None:
-        backbone = "mlp" if ways is None else "conv4"
     if ways is None:
         if len(example_shape) != 1:
             raise ValueError(f"regression learners need vector inputs, got example shape {list(example_shape)}")
-        return build_backbone(backbone, in_features=int(example_shape[0]), out_features=1, **opts)
+        opts = {**opts, "out_features": 1} if head else {"out_features": 40, "hidden": (40,), **opts}
+        return build_backbone(backbone or "mlp", in_features=int(example_shape[0]), **opts)
     if len(example_shape) != 3:
         raise ValueError(f"classification learners need image inputs [C, H, W], got example shape {list(example_shape)}")
     c, h, _ = example_shape
-    return build_backbone(backbone, in_channels=int(c), image_size=int(h), n_classes=int(ways), **opts)
+    if head:
+        opts["n_classes"] = int(ways)
+    return build_backbone(backbone or ("conv4" if head else "conv4-32"), in_channels=int(c), image_size=int(h), **opts)
+
+
+def check_inner_options(inner_steps: int, eval_steps: int | None, inner_lr: float | None) -> None:
+    """Raise ``ValueError`` naming the option unless T ≥ 1 (train and test) and the step size > 0."""
+    for name, v in (("inner_steps", inner_steps), ("eval_steps", eval_steps if eval_steps is not None else 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if inner_lr is not None and not inner_lr > 0:
+        raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
+
+
+def param_key(name: str) -> str:
+    """A module-attribute-safe key for a parameter name: ``"convs.0.weight"`` -> ``"convs-0-weight"``.
+
+    ``nn.ParameterDict``/``nn.ModuleDict`` refuse dots; parameter names never contain ``-``, so
+    the mapping is one-to-one.
+    """
+    return name.replace(".", "-")
+
+
+def per_parameter(net: nn.Module, make: Callable[[str, Tensor], Tensor]) -> nn.ParameterDict:
+    """One meta-learned tensor per parameter of ``net``: ``{param_key(name): make(name, param)}``."""
+    return nn.ParameterDict({param_key(k): nn.Parameter(make(k, p.detach())) for k, p in net.named_parameters()})
 
 
 class GradientLearner(MetaLearner):
@@ -74,11 +102,7 @@ class GradientLearner(MetaLearner):
         hypergrad: str = "reverse",
     ) -> None:
         super().__init__()
-        for name, v in (("inner_steps", inner_steps), ("eval_steps", eval_steps if eval_steps is not None else 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not inner_lr > 0:
-            raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
+        check_inner_options(inner_steps, eval_steps, inner_lr)
         self.config = {
             "example_shape": list(example_shape), "ways": ways, "backbone": backbone,
             "backbone_options": dict(backbone_options or {}), "inner_steps": inner_steps,
@@ -97,7 +121,10 @@ class GradientLearner(MetaLearner):
         """L(w; D) on one task: cross-entropy (classification) or mean squared error."""
         x, y = batch
         out = functional_call(self.net, params, (x,))
-        return F.mse_loss(out, y) if self.task == "regression" else F.cross_entropy(out, y)
+        if self.task == "regression":
+            # written out: F.mse_loss's double backward breaks under torch.func.jvp (Forward strategy) in torch 2.x
+            return ((out - y) ** 2).mean()
+        return F.cross_entropy(out, y)
 
     def dynamics(self) -> bl.Dynamics:
         """Φ: the inner update rule (overridden by each method)."""
@@ -121,4 +148,4 @@ class GradientLearner(MetaLearner):
         return torch.stack(preds)
 
 
-__all__ = ["GradientLearner", "make_network"]
+__all__ = ["GradientLearner", "check_inner_options", "make_network", "param_key", "per_parameter"]

@@ -341,7 +341,17 @@ class Forward(Strategy):
                 return jvp(_phi, (_s, hp), (zs, zh))
 
             with torch.no_grad():
-                (state, loss), (z, _) = self._push(push, z, h_tan, m)
+                try:
+                    (state, loss), (z, _) = self._push(push, z, h_tan, m)
+                except RuntimeError as e:
+                    if "ZeroTensors are immutable" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        "Forward(): torch cannot forward-differentiate the backward pass of an operation in "
+                        "inner_loss (torch raised 'ZeroTensors are immutable'; in torch 2.14 this happens with "
+                        "F.mse_loss). Write that term with elementary operations, e.g. ((pred - y) ** 2).mean(), "
+                        "or use Reverse()/Checkpointed()."
+                    ) from e
             check_loss(loss, t, run.t_end, run.check_finite)
             check_state_params(run, state, t)
 

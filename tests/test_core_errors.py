@@ -179,3 +179,22 @@ def test_cg_warns_on_indefinite_systems(f64):
                  hypergrad=bl.Implicit(bl.CG(5)))
     with pytest.warns(RuntimeWarning, match="non-positive curvature"):
         prob.outer_loss(w, {}, None).backward()
+
+
+def test_forward_mode_explains_torch_mse_loss_limitation(f64):
+    """torch 2.14 cannot jvp through F.mse_loss's backward; Forward() says what to do instead."""
+    x = torch.ones(4, 2, dtype=f64)
+    y = torch.zeros(4, 1, dtype=f64)
+    prob = bl.BilevelProblem(lambda p, h, b: torch.nn.functional.mse_loss(x @ p["w"], y) * h["s"], lambda p, h, b: p["w"].sum())
+    s = torch.tensor(1.0, dtype=f64, requires_grad=True)
+    try:
+        bl.solve(prob, {"w": torch.ones(2, 1, dtype=f64)}, {"s": s}, None, dynamics=bl.GradientDescent(0.1), steps=1,
+                 hypergrad=bl.Forward())
+    except RuntimeError as e:
+        assert "((pred - y) ** 2).mean()" in str(e)
+    # the elementary form works and agrees with reverse mode
+    prob2 = bl.BilevelProblem(lambda p, h, b: ((x @ p["w"] - y) ** 2).mean() * h["s"], lambda p, h, b: p["w"].sum())
+    g = [torch.autograd.grad(prob2.outer_loss(bl.solve(prob2, {"w": torch.ones(2, 1, dtype=f64)}, {"s": s}, None,
+                                                      dynamics=bl.GradientDescent(0.1), steps=2, hypergrad=st), {}, None), s)[0]
+         for st in (bl.Forward(), bl.Reverse())]
+    assert torch.allclose(g[0], g[1], rtol=1e-12)

@@ -309,9 +309,10 @@ class Forward(Strategy):
             h_tan[k] = blk.reshape(m, *hp[k].shape).to(hp[k].dtype)
         vmap_kw: dict[str, Any] = {"randomness": "same", "chunk_size": self.chunk_size}
 
-        state = _detach_state(run)
+        # private copies: torch.func writes into its primals, which may be expanded views
+        state = T.tree_map(lambda x: x.detach().clone() if isinstance(x, Tensor) else x, run.state0)
         if run.params0 is not None:
-            p0 = T.detach(run.params0)
+            p0 = {k: v.detach().clone() for k, v in run.params0.items()}
             p_tan = {k: torch.zeros((m, *v.shape), dtype=v.dtype, device=v.device) for k, v in p0.items()}
             for k, blk in zip(p0_keys, blocks[len(hp_keys):]):
                 p_tan[k] = blk.reshape(m, *p0[k].shape).to(p0[k].dtype)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 import bilevel as bl
 from bilevel.hypergrad import from_string
@@ -100,14 +100,19 @@ class GradientLearner(MetaLearner):
         inner_lr: float = 0.4,
         eval_steps: int | None = None,
         hypergrad: str = "reverse",
+        batch_tasks: str = "auto",
     ) -> None:
         super().__init__()
         check_inner_options(inner_steps, eval_steps, inner_lr)
+        if batch_tasks not in ("auto", "always", "never"):
+            raise ValueError(f"batch_tasks must be 'auto', 'always' or 'never', got {batch_tasks!r}")
         self.config = {
             "example_shape": list(example_shape), "ways": ways, "backbone": backbone,
             "backbone_options": dict(backbone_options or {}), "inner_steps": inner_steps,
             "inner_lr": float(inner_lr), "eval_steps": eval_steps, "hypergrad": hypergrad,
+            "batch_tasks": batch_tasks,
         }
+        self.batch_tasks = batch_tasks
         self.task = "regression" if ways is None else "classification"
         self.net = make_network(backbone, example_shape, ways, backbone_options)
         self.inner_steps = inner_steps
@@ -115,6 +120,8 @@ class GradientLearner(MetaLearner):
         self.inner_lr = float(inner_lr)
         self.strategy = from_string(hypergrad)
         self.problem = bl.BilevelProblem(self.task_loss, self.task_loss)
+        self.batched_problem = bl.BilevelProblem(self.tasks_loss, self.tasks_loss)
+        self._has_conv = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
 
     # -- the inner problem --------------------------------------------------------------------
     def task_loss(self, params: dict[str, Tensor], hparams: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -125,6 +132,36 @@ class GradientLearner(MetaLearner):
             # written out: F.mse_loss's double backward breaks under torch.func.jvp (Forward strategy) in torch 2.x
             return ((out - y) ** 2).mean()
         return F.cross_entropy(out, y)
+
+    def predict_tasks(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The network on B tasks at once: params stacked [B, ...], inputs [B, n, ...] -> [B, n, out]."""
+        return vmap(lambda p, xx: functional_call(self.net, p, (xx,)))(params, x)
+
+    def tasks_loss(self, params: dict[str, Tensor], hparams: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Σ_j L(w_j; D_j) over B tasks with stacked params [B, ...]: its gradient w.r.t. the
+        stacked params holds the B per-task gradients ∇L(w_j; D_j)."""
+        x, y = batch
+        out = self.predict_tasks(params, x)
+        if self.task == "regression":
+            return ((out - y) ** 2).flatten(1).mean(1).sum()
+        b, n, k = out.shape
+        return F.cross_entropy(out.reshape(b * n, k), y.reshape(b * n), reduction="sum") / n
+
+    def uses_task_batching(self, device: torch.device) -> bool:
+        """Whether :meth:`forward` runs the B tasks as one batched problem.
+
+        ``"auto"``: yes, except for convolutional networks on CPU, where the batched
+        (grouped) convolutions are slower than a loop over tasks (measured in
+        ``benchmarks/maml_vs_peers.py``). Learners whose dynamics need per-task losses set
+        ``supports_task_batching = False``.
+        """
+        if not self.supports_task_batching or self.batch_tasks == "never":
+            return False
+        if self.batch_tasks == "always":
+            return True
+        return device.type != "cpu" or not self._has_conv
+
+    supports_task_batching = True
 
     def dynamics(self) -> bl.Dynamics:
         """Φ: the inner update rule (overridden by each method)."""
@@ -139,8 +176,21 @@ class GradientLearner(MetaLearner):
         return bl.solve(self.problem, dict(self.net.named_parameters()), self.hparams(), (support_x, support_y),
                         dynamics=self.dynamics(), steps=steps, hypergrad=self.strategy)
 
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, steps: int) -> dict[str, Tensor]:
+        """w_T for B tasks at once: one :func:`bilevel.solve` on stacked params [B, ...].
+
+        Invariant: equals stacking :meth:`adapt` over the tasks (the tasks do not interact:
+        the summed loss has a block-diagonal Hessian).
+        """
+        b = support_x.shape[0]
+        params0 = {k: v.expand(b, *v.shape) for k, v in self.net.named_parameters()}
+        return bl.solve(self.batched_problem, params0, self.hparams(), (support_x, support_y),
+                        dynamics=self.dynamics(), steps=steps, hypergrad=self.strategy)
+
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, train: bool = True) -> Tensor:
         steps = self.inner_steps if train else self.eval_steps
+        if self.uses_task_batching(support_x.device):
+            return self.predict_tasks(self.adapt_tasks(support_x, support_y, steps), query_x)
         preds = []
         for j in range(support_x.shape[0]):
             w = self.adapt(support_x[j], support_y[j], steps)

@@ -50,22 +50,23 @@ def curvature_transform(grad: Tensor, mats: dict[str, Tensor]) -> Tensor:
     """MC(∇; M): the mode products of Park & Oliva (2019), eq. (4)–(5), for one parameter.
 
     Args:
-        grad: ∇ of shape [C_out, C_in, k, k], [out, in] or [n].
+        grad: ∇ of shape [..., C_out, C_in, k, k], [..., out, in] or [..., n] (leading dimensions,
+            e.g. a task dimension, are batched over).
         mats: ``{"o", "i", "f"}`` (conv), ``{"o", "i"}`` (linear) or ``{"b"}`` (vector), square
             matrices of the sizes given by :func:`curvature_factors`.
 
     Returns:
         ∇ ×₃ M_f ×₂ M_i ×₁ M_o (conv), M_o ∇ M_iᵀ (linear) or M_b ∇ (vector); shape of ``grad``.
     """
-    if grad.ndim == 4:
-        o, i, kh, kw = grad.shape
-        g = grad.reshape(o * i, kh * kw) @ mats["f"].T  # ×₃ M_f
-        g = (g.reshape(o, i, kh * kw).transpose(1, 2) @ mats["i"].T).transpose(1, 2)  # ×₂ M_i
-        return (mats["o"] @ g.reshape(o, -1)).reshape(o, i, kh, kw)  # ×₁ M_o
-    if grad.ndim == 2:
-        return mats["o"] @ grad @ mats["i"].T
-    if grad.ndim == 1:
-        return mats["b"] @ grad
+    if "f" in mats:  # conv [..., C_out, C_in, k, k]
+        o, i, kh, kw = grad.shape[-4:]
+        g = grad.reshape(*grad.shape[:-4], o, i, kh * kw)
+        g = torch.einsum("po,qi,ra,...oia->...pqr", mats["o"], mats["i"], mats["f"], g)
+        return g.reshape(grad.shape)
+    if "o" in mats:  # linear [..., out, in]
+        return torch.einsum("po,qi,...oi->...pq", mats["o"], mats["i"], grad)
+    if "b" in mats:  # vector [..., n]
+        return torch.einsum("po,...o->...p", mats["b"], grad)
     raise ValueError(f"curvature_transform: unsupported gradient shape {list(grad.shape)}")
 
 

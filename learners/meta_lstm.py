@@ -160,6 +160,9 @@ class MetaLSTM(GradientLearner):
         self.config["hidden_size"] = hidden_size
         self.meta_lstm = MetaLSTMOptimizer(hidden_size)
 
+    # the gates read each task's own loss L_t: run tasks one by one
+    supports_task_batching = False
+
     def hparams(self) -> dict[str, Tensor]:
         return {PREFIX + k: v for k, v in self.meta_lstm.named_parameters()}
 

@@ -19,7 +19,6 @@ process (up to floating-point summation order). Only rank 0 writes files.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bilevel.data import SinusoidTasks, load_splits, make_sampler
+from bilevel.data import Episodes, SinusoidTasks, load_splits, make_sampler
 from bilevel.data.augment import Augment
 from bilevel.data.transforms import example_shape as _example_shape
 from bilevel.evaluation import mean_ci
@@ -196,8 +195,9 @@ def build_samplers(data: DataConfig, seed: int, splits: tuple[str, ...] = ("trai
             out[split] = make_sampler(ds[split], ways=train_ways, shots=data.train_shots or data.shots,
                                       queries=data.queries, meta_batch=data.meta_batch, seed=seed, augment=augment)
         else:
+            # evaluation streams are indexed by episode (meta_batch 1): independent of --meta-batch
             out[split] = make_sampler(ds[split], ways=ways, shots=data.shots, queries=data.queries,
-                                      meta_batch=data.meta_batch, seed=seed + {"val": 1, "test": 2}[split])
+                                      meta_batch=1, seed=seed + {"val": 1, "test": 2}[split])
     spec = first.transform
     shape = list(_example_shape(spec)) if not regression else [1]
     return Samplers(out.get("train"), out.get("val"), out.get("test"), shape, dict(spec),
@@ -205,16 +205,17 @@ def build_samplers(data: DataConfig, seed: int, splits: tuple[str, ...] = ("trai
 
 
 def evaluate_learner(learner: MetaLearner, sampler: Any, episodes: int, *, device: str | torch.device = "cpu",
-                     progress: bool = False, desc: str = "evaluate") -> dict[str, Any]:
+                     progress: bool = False, desc: str = "evaluate", chunk: int = 8) -> dict[str, Any]:
     """Mean ± 95% CI (1.96·std/√N) of the learner's metric over ``episodes`` episodes.
 
-    Episodes are those of meta-batches 0, 1, … of ``sampler`` (the same in every call), run a
-    meta-batch at a time; this rank evaluates its share and the values are gathered.
+    Episode e (e = 0, …, episodes − 1) is episode 0 of meta-batch e of ``sampler``: the same
+    episodes in every call, for every learner and whatever the training meta-batch, given the
+    seed. They are run ``chunk`` at a time; with several processes each rank evaluates every
+    world-th episode and the values are gathered.
     """
     rank, world = _world()
-    values: list[Tensor] = []
-    per_batch = sampler.meta_batch
-    n_batches = math.ceil(episodes / per_batch)
+    mine = [e for e in range(episodes) if e % world == rank]
+    values: list[Tensor] = [torch.zeros(0, dtype=torch.float64)]
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -223,18 +224,14 @@ def evaluate_learner(learner: MetaLearner, sampler: Any, episodes: int, *, devic
     was_training = learner.training
     learner.eval()
     try:
-        for it in range(n_batches):
-            take = min(per_batch, episodes - it * per_batch)
-            idx = [i for i in range(take) if i % world == rank]
-            if not idx:
-                values.append(torch.zeros(0))
-                continue
-            ep = sampler.sample(it, indices=idx).to(device)
+        for start in range(0, len(mine), chunk):
+            parts = [sampler.sample(e, indices=[0]) for e in mine[start:start + chunk]]
+            ep = Episodes(*(torch.cat(field) for field in zip(*parts))).to(device)
             with torch.no_grad():
                 _, metric = learner.meta_loss(ep, train=False)
             values.append(metric.detach().double().cpu())
             if bar is not None:
-                bar.update(take)
+                bar.update(len(parts) * world)
     finally:
         learner.train(was_training)
         if bar is not None:
@@ -520,7 +517,7 @@ def evaluate_model(path: str | os.PathLike, data: DataConfig, episodes: int, *, 
     learner = model.learner
     if not isinstance(learner, MetaLearner):
         raise TypeError(f"{p} does not hold a bilevel MetaLearner")
-    samplers = build_samplers(dataclasses.replace(data, meta_batch=min(data.meta_batch, episodes)), seed, ("test",))
+    samplers = build_samplers(data, seed, ("test",))
     return evaluate_learner(learner, samplers.test, episodes, device=device, progress=progress)
 
 

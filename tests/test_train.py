@@ -182,3 +182,16 @@ def test_meta_batch_not_divisible_by_ranks_is_explained():
     assert _share(8, 1, 2) == [4, 5, 6, 7]
     with pytest.raises(ValueError, match="meta_batch=6 is not divisible by the number of processes \\(4\\)"):
         _share(6, 0, 4)
+
+
+def test_evaluation_episodes_do_not_depend_on_the_meta_batch():
+    from bilevel.train import build_samplers, evaluate_learner
+    from learners.maml import MAML
+
+    torch.manual_seed(0)
+    learner = MAML(example_shape=[1], ways=None, inner_lr=0.01)
+    results = []
+    for meta_batch, chunk in ((2, 3), (7, 8)):
+        s = build_samplers(DataConfig(dataset="sinusoid", shots=5, queries=5, meta_batch=meta_batch), seed=1, splits=("test",))
+        results.append(evaluate_learner(learner, s.test, 10, chunk=chunk))
+    assert results[0] == results[1] and results[0]["episodes"] == 10

@@ -247,7 +247,7 @@ nproc_option = click.option(
          "rank r on cuda:r); --meta-batch must be a multiple of N. Several nodes: run torchrun yourself.")
 
 
-def _run_fit(factory: str, learner_config: dict[str, Any], data: Any, cfg: Any, resume: bool) -> tuple[str, Any]:
+def _run_fit(factory: str, learner_config: dict[str, Any], data: Any, cfg: Any, resume: bool | str) -> tuple[str, Any]:
     """``fit`` with its expected failures as values: ("ok", metrics), ("usage" | "error", message)."""
     from bilevel.train import fit
 
@@ -338,7 +338,10 @@ def _make_method_group(name: str, m: Method) -> click.Group:
             val_episodes=o["val_episodes"], test_episodes=o["test_episodes"], checkpoint_every=o["checkpoint_every"],
             seed=o["seed"], device=o["device"], out=o["out"], progress=o["progress"], threads=o["threads"],
             tensorboard=o["tensorboard"])
-        args = (m.factory, learner_config, data, cfg, o["resume"])
+        resume: bool | str = o["resume"]
+        if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "auto"  # restarted by torchrun --max-restarts: continue from the last checkpoint if any
+        args = (m.factory, learner_config, data, cfg, resume)
         status, metrics = _run_fit(*args) if nproc == 1 else _launch_train(args, nproc, cfg.out, cfg.threads)
         if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 speaks for all
             sys.exit({"ok": 0, "usage": 2}.get(status, 1))

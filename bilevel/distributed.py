@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,17 @@ def init_from_env(device: str | torch.device) -> tuple[torch.device, bool]:
     if not dist.is_available():  # pragma: no cover - torch built without distributed
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    device_id = dev if dev.type == "cuda" else None
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Workers restarted by torchrun (--max-restarts) reuse the agent's store, which still holds the
+        # previous attempt's connection keys (gloo then fails with "Connection refused"): use fresh keys.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                              timeout=timedelta(minutes=30))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"bilevel/attempt_{restart}", store),
+                                rank=int(os.environ["RANK"]), world_size=size, device_id=device_id)
+    else:
+        dist.init_process_group(backend, device_id=device_id)
     return dev, True
 
 

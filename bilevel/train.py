@@ -352,7 +352,7 @@ def fit(
     data: DataConfig,
     cfg: TrainConfig,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
 ) -> dict[str, Any]:
     """Meta-train a learner, validate it, test it and save everything under ``cfg.out``.
 
@@ -367,7 +367,8 @@ def fit(
         data: the episodes (:class:`DataConfig`).
         cfg: the training settings (:class:`TrainConfig`).
         resume: continue from ``out/checkpoint.pt`` (its configuration must match, except
-            ``iterations``, which may be extended).
+            ``iterations``, which may be extended); ``"auto"``: resume if there is a
+            checkpoint, else start (used for workers restarted by torchrun's ``--max-restarts``).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is created
     here and destroyed at the end (:func:`bilevel.distributed.init_from_env`); an existing
@@ -388,7 +389,7 @@ def fit(
 
 
 def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: TrainConfig, device: torch.device,
-         resume: bool) -> dict[str, Any]:
+         resume: bool | str) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     rank, world = _world()
@@ -433,6 +434,8 @@ def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: Tr
         if resume and exists:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     exists, ckpt = broadcast_object((exists, ckpt))
+    if resume == "auto":
+        resume = exists
     if resume:
         if not exists:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")

@@ -230,13 +230,14 @@ def _iteration(path: Path) -> int:
 
 
 def _ranks_of(pid: int) -> list[int]:
-    """The worker processes started (with spawn) by the launcher process ``pid``."""
+    """The worker processes of the launcher process ``pid`` (``--nproc``: spawn; torchrun: ``-m bilevel.cli``)."""
     kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+    cmdlines = {int(k): Path(f"/proc/{k}/cmdline").read_bytes() for k in kids}
+    return [k for k, c in cmdlines.items() if b"spawn_main" in c or b"bilevel.cli" in c]
 
 
 def _kill_a_rank_midway(cmd: list[str], out: Path) -> tuple[subprocess.CompletedProcess, int]:
-    """Start ``cmd`` (``--nproc 2``), SIGKILL rank 1's process after the checkpoint of iteration 8."""
+    """Start ``cmd`` (2 ranks), SIGKILL rank 1's process after the checkpoint of iteration 8."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while _iteration(out / "checkpoint.pt") < 8 and proc.poll() is None and time.time() < deadline:
@@ -246,7 +247,7 @@ def _kill_a_rank_midway(cmd: list[str], out: Path) -> tuple[subprocess.Completed
         ranks = _ranks_of(proc.pid)
         assert len(ranks) == 2, ranks
         os.kill(max(ranks), signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=300)
     assert 8 <= killed_at < ITERATIONS, f"the run was not interrupted mid-way (checkpoint at {killed_at})"
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), killed_at
 
@@ -305,17 +306,25 @@ def test_nproc_usage_errors_come_before_any_process_starts(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_run_equals_nproc_run_killed_and_resumed(tmp_path):
-    """``torchrun -m bilevel.cli`` and ``--nproc 2`` (killed, resumed) give bitwise the same parameters."""
+def test_torchrun_runs_killed_resumed_or_restarted_equal_the_uninterrupted_run(tmp_path):
+    """Bitwise the same parameters: torchrun uninterrupted; torchrun --max-restarts 1 with a rank
+    killed (the restarted workers continue from the checkpoint); --nproc 2 killed, then --resume."""
     args = [*TINY, "--iterations", str(ITERATIONS)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     ref = tmp_path / "torchrun"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "bilevel.cli", *args, "--out", str(ref)], env=ENV, check=True, capture_output=True, timeout=300)
+    subprocess.run([*torchrun, "-m", "bilevel.cli", *args, "--out", str(ref)], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    restarted = tmp_path / "restarted"
+    done, _ = _kill_a_rank_midway([*torchrun, "--max-restarts", "1", "-m", "bilevel.cli", *args,
+                                   "--out", str(restarted)], restarted)
+    assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "nproc"
     cmd = [sys.executable, "-m", "bilevel.cli", *args, "--nproc", "2", "--out", str(run)]
     died, _ = _kill_a_rank_midway(cmd, run)
     assert died.returncode == 1
     subprocess.run([*cmd, "--resume"], env=ENV, check=True, capture_output=True, timeout=300)
-    a, b = _params(ref), _params(run)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    a = _params(ref)
+    for other in (restarted, run):
+        b = _params(other)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (other.name, k)

@@ -152,8 +152,10 @@ def average_gradients(params: Sequence[Tensor], stats: Tensor | None = None) -> 
         if p.grad is not None and p.grad.is_sparse:
             raise TypeError(f"parameter {i} has a sparse gradient; data-parallel averaging needs dense gradients")
         groups.setdefault((p.dtype, p.device), []).append(i)
-    buffers = {key: torch.cat([(params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])).reshape(-1)
-                               for i in idx]) for key, idx in groups.items()}
+    def flat_grad(p: Tensor) -> Tensor:
+        return (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+
+    buffers = {key: torch.cat([flat_grad(params[i]) for i in idx]) for key, idx in groups.items()}
     works = [dist.all_reduce(t, async_op=True) for t in (extra, *buffers.values())]
     for w in works:
         w.wait()

@@ -380,6 +380,8 @@ def fit(
         "val": {...best...}, "train": {...}, "iterations", "wall_seconds"}``.
     """
     _validate(data, cfg)
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     device, owned = init_from_env(cfg.device)
     try:
         return _fit(factory, learner_config, data, cfg, device, resume)
@@ -528,7 +530,9 @@ def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: Tr
         logger.close()
 
     wall = elapsed + time.perf_counter() - t_start
-    best_state = torch.load(out / BEST, map_location="cpu", weights_only=True) if rank == 0 and (out / BEST).exists() else None
+    best_state = None
+    if rank == 0 and (out / BEST).exists():
+        best_state = torch.load(out / BEST, map_location="cpu", weights_only=True)
     best_state = broadcast_object(best_state)
     if best_state is not None:
         learner.load_state_dict(best_state)

@@ -47,7 +47,8 @@ def _available(name: str) -> bool:
 def _sampler(split: str = "train", meta_batch: int = META_BATCH):
     from bilevel.data import load_splits, make_sampler
 
-    ds = load_splits("glyphs", None, (split,), classes={"train": 12, "val": 6, "test": 6}, examples_per_class=4, size=16)
+    ds = load_splits("glyphs", None, (split,), classes={"train": 12, "val": 6, "test": 6}, examples_per_class=4,
+                     size=16)
     return make_sampler(ds[split], ways=WAYS, shots=SHOTS, queries=QUERIES, meta_batch=meta_batch, seed=5)
 
 
@@ -105,7 +106,7 @@ def _masked_average(rank: int) -> list[torch.Tensor | None]:
     return [a.grad, b.grad, c.grad, stats]
 
 
-def _sin_fit(out: str, iterations: int, resume: bool = False) -> dict[str, Any]:
+def _sin_fit(out: str, iterations: int, resume: bool | str = False) -> dict[str, Any]:
     from bilevel.train import DataConfig, TrainConfig, fit
 
     cfg = TrainConfig(iterations=iterations, val_every=2, val_episodes=5, test_episodes=6, checkpoint_every=2, out=out,
@@ -291,7 +292,9 @@ def test_nproc2_matches_one_process_and_a_killed_rank_leaves_a_resumable_checkpo
 
 
 def test_nproc_usage_errors_come_before_any_process_starts(tmp_path):
-    run = lambda *extra: CliRunner().invoke(main, [*TINY, "--iterations", "2", "--out", str(tmp_path / "o"), *extra])  # noqa: E731
+    def run(*extra: str):
+        return CliRunner().invoke(main, [*TINY, "--iterations", "2", "--out", str(tmp_path / "o"), *extra])
+
     r = run("--nproc", "3")
     assert r.exit_code == 2 and "--meta-batch 4 is not divisible by --nproc 3" in r.output, r.output
     if torch.cuda.device_count() < 2:
@@ -300,7 +303,8 @@ def test_nproc_usage_errors_come_before_any_process_starts(tmp_path):
     r = run("--nproc", "2", "--device", "cuda:1")
     assert r.exit_code == 2 and "pass --device cuda (rank r uses cuda:r)" in r.output, r.output
     assert CliRunner().invoke(main, [*TINY, "--iterations", "2", "--out", str(tmp_path / "one")]).exit_code == 0
-    r = CliRunner().invoke(main, [*TINY, "--iterations", "4", "--out", str(tmp_path / "one"), "--resume", "--nproc", "2"])
+    r = CliRunner().invoke(main, [*TINY, "--iterations", "4", "--out", str(tmp_path / "one"), "--resume",
+                                  "--nproc", "2"])
     assert r.exit_code == 2 and "written by 1 process(es) but this run has 2" in r.output, r.output
     assert "Traceback" not in r.output
 
@@ -328,3 +332,13 @@ def test_torchrun_runs_killed_resumed_or_restarted_equal_the_uninterrupted_run(t
         b = _params(other)
         for k in a:
             assert torch.equal(a[k], b[k]), (other.name, k)
+
+
+def test_resume_auto_starts_or_continues(tmp_path):
+    """What workers restarted by torchrun --max-restarts do: resume if there is a checkpoint."""
+    first = _sin_fit(str(tmp_path), 2, resume="auto")  # nothing there: a new run
+    assert first["iterations"] == 2
+    _sin_fit(str(tmp_path), 4, resume="auto")  # continues from iteration 2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    with pytest.raises(ValueError, match="resume must be True, False or 'auto'"):
+        _sin_fit(str(tmp_path), 4, resume="yes")

@@ -66,3 +66,7 @@ from bilevel.io import atomic_save, load, save_model  # noqa: E402
 
 __all__ += ["atomic_save", "load", "save_model"]
 # --- end fewshot ---------------------------------------------------------------------------
+# --- distributed (issue 7): data-parallel meta-training -----------------------------------
+# bilevel.distributed (process groups from torchrun's environment, average_gradients, launch)
+# is a submodule with its own __all__; it is not imported here to keep `import bilevel` light.
+# --- end distributed -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ lazily (``bilevel`` never imports ``learners`` at module level).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -239,14 +240,94 @@ def _library_errors() -> tuple[type[BaseException], ...]:
     return (DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError, TypeError)
 
 
+# --------------------------------------------------------------------------- data-parallel training
+nproc_option = click.option(
+    "--nproc", type=POS_INT, default=1, show_default=True,
+    help="Train with N processes on this machine (torchrun's launcher; gloo on CPU, NCCL with --device cuda, "
+         "rank r on cuda:r); --meta-batch must be a multiple of N. Several nodes: run torchrun yourself.")
+
+
+def _run_fit(factory: str, learner_config: dict[str, Any], data: Any, cfg: Any, resume: bool | str) -> tuple[str, Any]:
+    """``fit`` with its expected failures as values: ("ok", metrics), ("usage" | "error", message)."""
+    from bilevel.train import fit
+
+    try:
+        return "ok", fit(factory, learner_config, data, cfg, resume=resume)
+    except _library_errors() as e:
+        return "usage", str(e)
+    except FloatingPointError as e:
+        return "error", str(e)
+
+
+def _train_worker(*args: Any) -> tuple[str, Any]:
+    """What every rank of ``--nproc N`` runs (module level: workers are started with spawn)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_run_fit)(*args)
+
+
+def _launch_train(args: tuple[Any, ...], nproc: int, out: str, threads: int | None) -> tuple[str, Any]:
+    """Run ``_train_worker(*args)`` on ``nproc`` local ranks; a failed rank becomes a ClickException."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from bilevel.distributed import launch
+
+    try:
+        return launch(_train_worker, args, nproc=nproc, threads=threads)
+    except ChildFailedError as e:
+        lines = []
+        for rank, f in sorted(e.failures.items()):
+            if f.exitcode < 0:
+                lines.append(f"rank {rank} (pid {f.pid}) was killed by {f.signal_name()}")
+            else:
+                msg = f.message.get("message", f.message) if isinstance(f.message, dict) else f.message
+                trace = f.message.get("extraInfo", {}).get("py_callstack", "") if isinstance(f.message, dict) else ""
+                lines.append(f"rank {rank} (pid {f.pid}) exited with code {f.exitcode}: {msg}\n{trace}".rstrip())
+        from bilevel.distributed import checkpoint_info
+
+        info = checkpoint_info(out)
+        hint = (f"The last checkpoint {Path(out) / 'checkpoint.pt'} (iteration {info['iteration']}) is intact: "
+                "run the same command with --resume to continue." if info else "No checkpoint was written yet.")
+        raise click.ClickException("\n".join([*lines, "The other ranks were stopped (no restart).", hint])) from None
+
+
+def _check_nproc(nproc: int, o: dict[str, Any]) -> None:
+    """Usage errors of ``--nproc`` found before any process is started."""
+    if o["meta_batch"] % nproc:
+        raise click.UsageError(f"--meta-batch {o['meta_batch']} is not divisible by --nproc {nproc}: each process "
+                               "takes an equal share of the meta-batch; choose a multiple of --nproc")
+    from bilevel.distributed import under_launcher
+
+    if nproc > 1 and under_launcher():
+        raise click.UsageError(f"--nproc {nproc} given but this process already runs under torchrun "
+                               f"(WORLD_SIZE={os.environ['WORLD_SIZE']}); use one or the other")
+    if nproc > 1 and o["device"].startswith("cuda"):
+        import torch
+
+        if o["device"] != "cuda":
+            raise click.UsageError(f"--nproc {nproc} with --device {o['device']}: pass --device cuda "
+                                   "(rank r uses cuda:r)")
+        if torch.cuda.device_count() < nproc:
+            raise click.UsageError(f"--nproc {nproc} with --device cuda needs {nproc} GPUs; "
+                                   f"{torch.cuda.device_count()} visible")
+    if o["resume"] and nproc > 1:  # (fit itself refuses it too, after the processes have started)
+        from bilevel.distributed import checkpoint_info, world_size_mismatch
+
+        info = checkpoint_info(o["out"])
+        if info is not None and info["world_size"] != nproc:
+            raise click.UsageError(world_size_mismatch(o["out"], info["world_size"], nproc))
+
+
 def _make_method_group(name: str, m: Method) -> click.Group:
     @click.group(name=name, help=m.help, short_help=m.help.split(":")[0])
     def group() -> None:
         pass
 
     def train(**o: Any) -> None:
-        from bilevel.train import TrainConfig, fit
+        from bilevel.train import TrainConfig
 
+        nproc = o.pop("nproc")
+        _check_nproc(nproc, o)
         data = _data_config(o)
         learner_config = m.to_config(o)
         cfg = TrainConfig(
@@ -257,17 +338,22 @@ def _make_method_group(name: str, m: Method) -> click.Group:
             val_episodes=o["val_episodes"], test_episodes=o["test_episodes"], checkpoint_every=o["checkpoint_every"],
             seed=o["seed"], device=o["device"], out=o["out"], progress=o["progress"], threads=o["threads"],
             tensorboard=o["tensorboard"])
-        try:
-            metrics = fit(m.factory, learner_config, data, cfg, resume=o["resume"])
-        except _library_errors() as e:
-            raise click.UsageError(str(e)) from None
-        except FloatingPointError as e:
-            raise click.ClickException(str(e)) from None
+        resume: bool | str = o["resume"]
+        if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "auto"  # restarted by torchrun --max-restarts: continue from the last checkpoint if any
+        args = (m.factory, learner_config, data, cfg, resume)
+        status, metrics = _run_fit(*args) if nproc == 1 else _launch_train(args, nproc, cfg.out, cfg.threads)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 speaks for all
+            sys.exit({"ok": 0, "usage": 2}.get(status, 1))
+        if status == "usage":
+            raise click.UsageError(metrics)
+        if status == "error":
+            raise click.ClickException(metrics)
         t = metrics["test"]
         click.echo(f"test {t['metric']}: {t['mean']:.4f} ± {t['ci95']:.4f} ({t['episodes']} episodes); "
                    f"model: {Path(cfg.out) / 'model.pt'}")
 
-    params = [config_option, data_options, run_options, train_options, *m.options]
+    params = [config_option, data_options, run_options, train_options, nproc_option, *m.options]
     if m.inner:
         params.append(inner_options)
     for dec in reversed(params):

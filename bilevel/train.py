@@ -10,11 +10,14 @@
 * at the end: ``model.pt`` (loadable with :func:`bilevel.load`), ``metrics.json`` and
   ``curves.png``.
 
-Data parallelism: when ``torch.distributed`` is initialised (``torchrun``), meta-batch
-``it`` is the same on every rank (episodes depend only on the seed, the iteration and the
-episode index); rank r takes episodes [r·B/W, (r+1)·B/W) and the meta-gradients are averaged
-with an all-reduce before the outer step, so W ranks follow the same trajectory as one
-process (up to floating-point summation order). Only rank 0 writes files.
+Data parallelism (:mod:`bilevel.distributed`): under ``torchrun`` (or ``--nproc``) ``fit``
+creates the process group (gloo on CPU, NCCL on GPU). Meta-batch ``it`` is the same on every
+rank (episodes depend only on the seed, the iteration and the episode index); rank r takes
+episodes [r·B/W, (r+1)·B/W) and the meta-gradients are averaged with one all-reduce after the
+outer backward (:func:`meta_gradient`), so W ranks follow the same trajectory as one process
+(up to floating-point summation order). Only rank 0 touches ``out``: it writes every file and
+reads the checkpoint to resume, then broadcasts it (no shared file system needed). A run is
+resumed with the number of processes that wrote it.
 """
 from __future__ import annotations
 
@@ -36,7 +39,11 @@ from torch import Tensor
 
 from bilevel.data import Episodes, SinusoidTasks, load_splits, make_sampler
 from bilevel.data.augment import Augment
+from bilevel.data.synthetic import seed_from
 from bilevel.data.transforms import example_shape as _example_shape
+from bilevel.distributed import average_gradients, broadcast_module, broadcast_object, init_from_env
+from bilevel.distributed import world as _world
+from bilevel.distributed import world_size_mismatch
 from bilevel.evaluation import mean_ci
 from bilevel.io import _resolve_factory, atomic_save, save_model
 from bilevel.learner import MetaLearner
@@ -134,12 +141,6 @@ class _PiecewiseLR:
         return factor
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _share(meta_batch: int, rank: int, world: int) -> list[int]:
     if meta_batch % world:
         raise ValueError(
@@ -213,9 +214,10 @@ def evaluate_learner(learner: MetaLearner, sampler: Any, episodes: int, *, devic
     seed. They are run ``chunk`` at a time; with several processes each rank evaluates every
     world-th episode and the values are gathered.
     """
-    rank, world = _world()
-    mine = [e for e in range(episodes) if e % world == rank]
-    values: list[Tensor] = [torch.zeros(0, dtype=torch.float64)]
+    rank, size = _world()
+    mine = [e for e in range(episodes) if e % size == rank]
+    values: list[Tensor] = []
+    positions: list[int] = []
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -225,22 +227,26 @@ def evaluate_learner(learner: MetaLearner, sampler: Any, episodes: int, *, devic
     learner.eval()
     try:
         for start in range(0, len(mine), chunk):
-            parts = [sampler.sample(e, indices=[0]) for e in mine[start:start + chunk]]
+            es = mine[start:start + chunk]
+            positions += es
+            parts = [sampler.sample(e, indices=[0]) for e in es]
             ep = Episodes(*(torch.cat(field) for field in zip(*parts))).to(device)
             with torch.no_grad():
                 _, metric = learner.meta_loss(ep, train=False)
             values.append(metric.detach().double().cpu())
             if bar is not None:
-                bar.update(len(parts) * world)
+                bar.update(len(parts) * size)
     finally:
         learner.train(was_training)
         if bar is not None:
             bar.close()
-    local = torch.cat(values)
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, local)
-        local = torch.cat(gathered)
+    local = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    if size > 1:  # gather the values of all ranks, back in episode order (as one process has them)
+        gathered: list[Any] = [None] * size
+        dist.all_gather_object(gathered, (positions, local))
+        local = torch.empty(episodes, dtype=torch.float64)
+        for pos, vals in gathered:
+            local[pos] = vals
     mean, ci = mean_ci(local)
     metric_name = "mse" if learner.task == "regression" else "accuracy"
     return {"metric": metric_name, "mean": mean, "ci95": ci, "episodes": int(local.numel())}
@@ -313,13 +319,39 @@ def _comparable(d: dict[str, Any]) -> Any:
     return json.loads(json.dumps(d, default=str))
 
 
+def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor]) -> Tensor:
+    """Set ``p.grad`` to the meta-gradient of the whole meta-batch, averaged over the ranks.
+
+    Invariant: with this rank's B/W episodes, ``p.grad = 1/W Σ_r ∇_p meta_loss_r`` =
+    ∇_p (1/B Σ_j E_j), the gradient one process computes on all B episodes (Franceschi et al.
+    2018, eq. (3.1)); the average is taken after the outer backward, so any hypergradient
+    strategy composes with it (:func:`bilevel.distributed.average_gradients`).
+
+    Args:
+        learner: the meta-learner; ``learner.meta_loss(episodes, train=True)``.
+        episodes: this rank's share of the meta-batch.
+        params: the outer parameters (same order on every rank); their ``.grad`` is replaced.
+
+    Returns:
+        float64 [2]: the meta-loss and the metric, averaged over the whole meta-batch.
+    """
+    loss, metric = learner.meta_loss(episodes, train=True)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    stats = torch.stack([loss.detach().double(), metric.detach().double().mean()])
+    averaged = average_gradients(params, stats)
+    assert averaged is not None
+    return averaged
+
+
 def fit(
     factory: str,
     learner_config: dict[str, Any],
     data: DataConfig,
     cfg: TrainConfig,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
 ) -> dict[str, Any]:
     """Meta-train a learner, validate it, test it and save everything under ``cfg.out``.
 
@@ -334,19 +366,36 @@ def fit(
         data: the episodes (:class:`DataConfig`).
         cfg: the training settings (:class:`TrainConfig`).
         resume: continue from ``out/checkpoint.pt`` (its configuration must match, except
-            ``iterations``, which may be extended).
+            ``iterations``, which may be extended); ``"auto"``: resume if there is a
+            checkpoint, else start (used for workers restarted by torchrun's ``--max-restarts``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is created
+    here and destroyed at the end (:func:`bilevel.distributed.init_from_env`); an existing
+    process group is used as it is. ``data.meta_batch`` must then be a multiple of the number
+    of processes, and ``resume`` needs the number of processes that wrote the checkpoint.
 
     Returns:
         The content of ``metrics.json``: ``{"test": {"metric", "mean", "ci95", "episodes"},
         "val": {...best...}, "train": {...}, "iterations", "wall_seconds"}``.
     """
     _validate(data, cfg)
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    device, owned = init_from_env(cfg.device)
+    try:
+        return _fit(factory, learner_config, data, cfg, device, resume)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: TrainConfig, device: torch.device,
+         resume: bool | str) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     rank, world = _world()
     out = Path(cfg.out)
     share = _share(data.meta_batch, rank, world)
-    device = torch.device(cfg.device)
     samplers = build_samplers(data, cfg.seed)
     learner_config = dict(learner_config)
     learner_config.setdefault("example_shape", samplers.example_shape)
@@ -361,6 +410,11 @@ def fit(
     if learner.task != samplers.task:
         raise ValueError(f"{factory} is a {learner.task} learner but dataset {data.dataset!r} is {samplers.task}")
     learner.to(device)
+    broadcast_module(learner)  # every rank starts from rank 0's initialisation (as DDP does)
+    if world > 1:  # independent global RNG streams per rank (dropout, DropBlock); episodes do not use them
+        torch.manual_seed(seed_from("rank", cfg.seed, rank))
+        random.seed(seed_from("rank", "python", cfg.seed, rank))
+        np.random.seed(seed_from("rank", "numpy", cfg.seed, rank) % 2**32)
     params = [p for p in learner.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -374,10 +428,21 @@ def fit(
     start, best, elapsed = 0, {"mean": None, "iteration": None}, 0.0
     running = [0.0, 0.0, 0]  # sums of train loss and metric since the last log row, and their count
     ckpt_path = out / CHECKPOINT
+    # Only rank 0 reads the output folder; the others get what it found (no shared file system needed).
+    exists, ckpt = False, None
+    if rank == 0:
+        exists = ckpt_path.exists()
+        if resume and exists:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    exists, ckpt = broadcast_object((exists, ckpt))
+    if resume == "auto":
+        resume = exists
     if resume:
-        if not ckpt_path.exists():
+        if not exists:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        written_by = ckpt["identity"].get("world_size", 1)
+        if written_by != world:
+            raise ValueError(world_size_mismatch(out, written_by, world))
         mismatch = [k for k in run_identity if ckpt["identity"].get(k) != run_identity[k]]
         if mismatch:
             detail = "; ".join(f"{k}: checkpoint {ckpt['identity'].get(k)!r} vs now {run_identity[k]!r}" for k in mismatch)
@@ -389,7 +454,8 @@ def fit(
         _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         start, best, elapsed = ckpt["iteration"], ckpt["best"], ckpt["elapsed"]
         running = ckpt["running"]
-    elif rank == 0 and ckpt_path.exists():
+        del ckpt
+    elif exists:
         raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -419,23 +485,12 @@ def fit(
         for it in range(start, cfg.iterations):
             samplers.train.iteration = it
             episodes = samplers.train.sample(it, indices=share).to(device)
-            loss, metric = learner.meta_loss(episodes, train=True)
-            if not torch.isfinite(loss):
+            stats = meta_gradient(learner, episodes, params)
+            if not math.isfinite(float(stats[0])):  # the mean over all ranks: every rank stops here
                 raise FloatingPointError(
-                    f"meta-loss is {float(loss)} at iteration {it + 1}; lower the learning rates or inspect the data. "
+                    f"meta-loss is {float(stats[0])} at iteration {it + 1}; lower the learning rates or inspect the data. "
                     f"The last good checkpoint is {ckpt_path}"
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            stats = torch.stack([loss.detach().double(), metric.detach().double().mean()])
-            if world > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(world)
-                dist.all_reduce(stats)
-                stats /= world
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -474,8 +529,12 @@ def fit(
         logger.close()
 
     wall = elapsed + time.perf_counter() - t_start
-    if (out / BEST).exists():
-        learner.load_state_dict(torch.load(out / BEST, map_location=device, weights_only=True))
+    best_state = None
+    if rank == 0 and (out / BEST).exists():
+        best_state = torch.load(out / BEST, map_location="cpu", weights_only=True)
+    best_state = broadcast_object(best_state)
+    if best_state is not None:
+        learner.load_state_dict(best_state)
     test = evaluate_learner(learner, samplers.test, cfg.test_episodes, device=device, progress=cfg.progress, desc="test")
     metrics = {"test": test, "val": {k: v for k, v in best.items()}, "iterations": cfg.iterations,
                "wall_seconds": wall, "world_size": world, "learner": type(learner).__name__, "dataset": data.dataset}
@@ -521,4 +580,5 @@ def evaluate_model(path: str | os.PathLike, data: DataConfig, episodes: int, *, 
     return evaluate_learner(learner, samplers.test, episodes, device=device, progress=progress)
 
 
-__all__ = ["DataConfig", "Samplers", "TrainConfig", "build_samplers", "evaluate_learner", "evaluate_model", "fit"]
+__all__ = ["DataConfig", "Samplers", "TrainConfig", "build_samplers", "evaluate_learner", "evaluate_model", "fit",
+           "meta_gradient"]

@@ -61,10 +61,12 @@ def curvature_transform(grad: Tensor, mats: dict[str, Tensor]) -> Tensor:
     if "f" in mats:  # conv [..., C_out, C_in, k, k]
         o, i, kh, kw = grad.shape[-4:]
         g = grad.reshape(*grad.shape[:-4], o, i, kh * kw)
-        g = torch.einsum("po,qi,ra,...oia->...pqr", mats["o"], mats["i"], mats["f"], g)
+        g = g @ mats["f"].T  # ×₃ M_f (pairwise contractions: never form an outer product of the M's)
+        g = torch.einsum("qi,...oir->...oqr", mats["i"], g)  # ×₂ M_i
+        g = torch.einsum("po,...oqr->...pqr", mats["o"], g)  # ×₁ M_o
         return g.reshape(grad.shape)
     if "o" in mats:  # linear [..., out, in]
-        return torch.einsum("po,qi,...oi->...pq", mats["o"], mats["i"], grad)
+        return torch.einsum("po,...oi->...pi", mats["o"], grad) @ mats["i"].T
     if "b" in mats:  # vector [..., n]
         return torch.einsum("po,...o->...p", mats["b"], grad)
     raise ValueError(f"curvature_transform: unsupported gradient shape {list(grad.shape)}")

@@ -59,3 +59,10 @@ __all__ = [
     "linsolve",
     "solve",
 ]
+
+# --- hpo (issue 6): gradient-based hyperparameter optimization (data, hyper-loop, lr/l2/clean tasks) ---
+# Light to import: scikit-learn, torchvision, tqdm and matplotlib load only when used.
+from bilevel import hpo  # noqa: E402
+
+__all__ += ["hpo"]
+# --- end hpo ---

@@ -32,7 +32,15 @@ from bilevel.hpo.data import (
     minibatches,
     split_dataset,
 )
-from bilevel.hpo.loop import STRATEGIES, apply_hypergradient, hyper_loop, hyper_step, make_strategy, write_json
+from bilevel.hpo.loop import (
+    STRATEGIES,
+    apply_hypergradient,
+    hyper_loop,
+    hyper_step,
+    make_strategy,
+    refit_and_evaluate,
+    write_json,
+)
 from bilevel.hpo.models import cross_entropy_loss, evaluate, f1_score, init_params, logistic_regression, mlp
 
 TASKS: dict[str, tuple[type[HPOConfig], Any]] = {
@@ -89,9 +97,11 @@ __all__ = [
     "init_params",
     "load_dataset",
     "logistic_regression",
+    "make_strategy",
     "make_config",
     "minibatches",
     "mlp",
+    "refit_and_evaluate",
     "run",
     "run_clean",
     "run_l2",

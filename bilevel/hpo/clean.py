@@ -24,8 +24,8 @@ from torch.func import functional_call
 import bilevel as bl
 from bilevel.hpo.config import ConvexConfig, check_float
 from bilevel.hpo.data import OptionError, corrupt_labels
-from bilevel.hpo.loop import hyper_loop, hyper_step, make_strategy, write_json
-from bilevel.hpo.models import cross_entropy_loss, evaluate, f1_score, init_params, logistic_regression
+from bilevel.hpo.loop import hyper_loop, hyper_step, make_strategy, refit_and_evaluate, write_json
+from bilevel.hpo.models import cross_entropy_loss, f1_score, init_params, logistic_regression
 
 WEIGHTINGS = ("sigmoid", "projection")
 
@@ -122,10 +122,7 @@ def run_clean(config: CleanConfig) -> dict[str, Any]:
     w0 = init_params(model, zeros=True)
 
     def refit(weights: Tensor) -> dict[str, float]:
-        with torch.no_grad():
-            w = bl.solve(problem, w0, {"c": weights}, train, dynamics=dynamics, steps=config.eval_steps)
-        (val_loss, val_acc), (test_loss, test_acc) = evaluate(model, w, data.val), evaluate(model, w, data.test)
-        return {"val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc}
+        return refit_and_evaluate(problem, model, {"c": weights}, train, data, params0=w0, dynamics=dynamics, steps=config.eval_steps)
 
     ones = torch.ones(n, device=config.device)
     baseline, oracle = refit(ones), refit((~corrupted).float())

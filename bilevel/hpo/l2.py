@@ -23,8 +23,8 @@ from torch.func import functional_call
 import bilevel as bl
 from bilevel.hpo.config import ConvexConfig, check_float, check_int
 from bilevel.hpo.data import OptionError
-from bilevel.hpo.loop import hyper_loop, hyper_step, make_strategy, write_json
-from bilevel.hpo.models import cross_entropy_loss, evaluate, init_params, logistic_regression
+from bilevel.hpo.loop import hyper_loop, hyper_step, make_strategy, refit_and_evaluate, write_json
+from bilevel.hpo.models import cross_entropy_loss, init_params, logistic_regression
 
 
 @dataclass
@@ -108,10 +108,8 @@ def run_l2(config: L2Config) -> dict[str, Any]:
     w0 = init_params(model, zeros=True)
 
     def refit(log_l2: Tensor) -> dict[str, float]:
-        with torch.no_grad():
-            w = bl.solve(problem, w0, {"log_l2": log_l2}, train, dynamics=dynamics, steps=config.eval_steps)
-        (val_loss, val_acc), (test_loss, test_acc) = evaluate(model, w, data.val), evaluate(model, w, data.test)
-        return {"val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc}
+        return refit_and_evaluate(problem, model, {"log_l2": log_l2}, train, data, params0=w0, dynamics=dynamics,
+                                  steps=config.eval_steps)
 
     t_grid = time.perf_counter()
     grid = [{"l2": a, **refit(torch.full(shape, math.log(a), device=config.device))} for a in config.grid()]

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 import bilevel as bl
-from bilevel.hpo.data import OptionError
+from bilevel.hpo.data import OptionError, TaskData
+from bilevel.hpo.models import evaluate
 
 #: names accepted by :func:`make_strategy` (and the CLI's ``--hypergrad``).
 STRATEGIES = ("forward", "reverse", "checkpointed", "truncated", "implicit")
@@ -156,6 +157,31 @@ def hyper_step(
     return step
 
 
+def refit_and_evaluate(
+    problem: bl.BilevelProblem,
+    model: torch.nn.Module,
+    hparams: dict[str, Tensor],
+    batch: Any,
+    data: TaskData,
+    *,
+    params0: dict[str, Tensor],
+    dynamics: Any,
+    steps: int,
+) -> dict[str, float]:
+    """Train w_T from ``params0`` with λ = ``hparams`` held fixed (no graph); score it on val and test.
+
+    The one procedure by which the HPO tasks compare hyperparameters (grid points, tuned values,
+    baseline and oracle weights), so that differences come from λ alone.
+
+    Returns:
+        ``{"val_loss", "val_accuracy", "test_loss", "test_accuracy"}`` as floats.
+    """
+    with torch.no_grad():
+        w = bl.solve(problem, params0, hparams, batch, dynamics=dynamics, steps=steps)
+    (val_loss, val_acc), (test_loss, test_acc) = evaluate(model, w, data.val), evaluate(model, w, data.test)
+    return {"val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc}
+
+
 def _fmt(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, float) else v
 
@@ -247,4 +273,4 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"cannot write {type(v).__name__} to JSON")
 
 
-__all__ = ["STRATEGIES", "apply_hypergradient", "hyper_loop", "hyper_step", "make_strategy", "write_json"]
+__all__ = ["STRATEGIES", "apply_hypergradient", "hyper_loop", "hyper_step", "make_strategy", "refit_and_evaluate", "write_json"]

@@ -294,3 +294,36 @@ def test_cli_diverging_run_is_a_clean_error(tmp_path):
                                        "--n-train", "100", "--n-val", "50", "--n-test", "50", "--out", str(tmp_path), "--no-progress"])
     assert result.exit_code == 1
     assert "Error: inner_loss is not finite" in result.output and "Traceback" not in result.output
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian header: magic, then one int32 per dimension)."""
+    magic = {3: 2051, 1: 2049}[array.ndim]
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_mnist_layout(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 3), ("t10k", 2)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", np.full((n, 28, 28), 51))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n))
+    x, y, k = hpo.load_dataset("mnist", tmp_path)
+    assert x.shape == (5, 784) and float(x.max()) == pytest.approx(0.2) and y.tolist() == [0, 1, 2, 0, 1]
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(hpo.OptionError, match="torchvision could not load MNIST"):
+        hpo.load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["hpo_lr.py", "hpo_l2.py", "hpo_clean.py"])
+def test_examples_run(tmp_path, script, monkeypatch, capsys):
+    """Each example runs end to end (2 hyper-steps; 5-15 s each on a quiet CPU, hence slow)."""
+    import runpy
+
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    monkeypatch.setattr("sys.argv", [str(path), "--hyper-steps", "2", "--out", str(tmp_path)])
+    runpy.run_path(str(path), run_name="__main__")
+    assert len(_csv_rows(tmp_path / "log.csv")) == 2
+    assert {"hpo_lr.py": "tuned ", "hpo_l2.py": "per-feature L2", "hpo_clean.py": "F1"}[script] in capsys.readouterr().out

@@ -38,6 +38,7 @@ def _hpo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Output folder for log.csv, metrics.json and PNGs [default: runs/hpo-TASK]."),
         click.option("--seed", type=int, default=None, help="Seed of the split, label noise, inits and mini-batches [0]."),
         click.option("--device", type=str, default=None, help="Torch device [cpu]."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads for this run [torch's default]."),
         click.option("--hyper-steps", type=int, default=None, help="Hyper-iterations (updates of the hyperparameters)."),
         click.option("--inner-steps", type=int, default=None, help="Inner steps T per hypergradient (per segment with --online)."),
         click.option("--hypergrad", type=click.Choice(_HPO_STRATEGIES), default=None, help="Hypergradient strategy."),
@@ -65,6 +66,11 @@ def _convex_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _hpo_run(task: str, options: dict[str, Any]) -> None:
     from bilevel import hpo  # lazy: `bilevel --help` stays fast
 
+    threads = options.pop("threads", None)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if options.get("out") is None:
         options["out"] = f"runs/hpo-{task}"
     try:

@@ -70,3 +70,10 @@ __all__ += ["atomic_save", "load", "save_model"]
 # bilevel.distributed (process groups from torchrun's environment, average_gradients, launch)
 # is a submodule with its own __all__; it is not imported here to keep `import bilevel` light.
 # --- end distributed -----------------------------------------------------------------------
+
+# --- hpo (issue 6): gradient-based hyperparameter optimization (data, hyper-loop, lr/l2/clean tasks) ---
+# Light to import: scikit-learn, torchvision, tqdm and matplotlib load only when used.
+from bilevel import hpo  # noqa: E402
+
+__all__ += ["hpo"]
+# --- end hpo ---

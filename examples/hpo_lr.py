@@ -1,0 +1,98 @@
+"""Tune the learning rate and momentum of SGD with momentum by hypergradient descent.
+
+λ = (log η, logit μ) parametrises the inner dynamics itself, so its hypergradient needs the whole
+training trajectory: forward mode (memory flat in T; Franceschi et al. 2017, §3.2) or reverse
+mode. With ``--online`` λ is updated every few steps within ONE training run (real-time HO).
+
+    python examples/hpo_lr.py                              # scikit-learn digits, offline
+    python examples/hpo_lr.py --data-root ../shared/data   # MNIST (mnist10k.npz)
+    python examples/hpo_lr.py --hypergrad reverse --online
+
+Adapt: replace the model and ``loss``; put whatever you want tuned in ``hparams`` and read it
+from the dynamics' coefficient functions.
+"""
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import bilevel as bl
+from bilevel import hpo
+from bilevel.hpo.plots import plot_history
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--data-root", default=None, help="folder with mnist10k.npz (default: scikit-learn digits)")
+parser.add_argument("--out", default="runs/example-hpo-lr")
+parser.add_argument("--hypergrad", choices=["forward", "reverse"], default="forward")
+parser.add_argument("--online", action="store_true", help="update λ every T steps within one run of 40·T steps")
+parser.add_argument("--hyper-steps", type=int, default=40)
+args = parser.parse_args()
+
+# --- data: train (inner), val (outer), test (held out) -----------------------------------------
+gen = torch.Generator().manual_seed(0)
+x, y, k = hpo.load_dataset("mnist" if args.data_root else "digits", args.data_root)
+data = hpo.split_dataset(x, y, *((4000, 2000, 4000) if args.data_root else (800, 400, 597)), generator=gen, num_classes=k)
+val = (data.val.x, data.val.y)
+model = hpo.mlp(x.shape[1], 64, k)  # its parameters live in dicts: functional_call(model, params, x)
+T = 20 if args.online else 100  # inner steps per hypergradient
+
+
+# --- the bilevel problem: L = E = cross-entropy; λ acts through the dynamics ---------------------
+def loss(params, hparams, batch):
+    inputs, labels = batch
+    return F.cross_entropy(functional_call(model, params, (inputs,)), labels)
+
+
+problem = bl.BilevelProblem(inner_loss=loss, outer_loss=loss)
+hparams = {"log_lr": torch.tensor(math.log(0.01), requires_grad=True),
+           "logit_mu": torch.tensor(0.0, requires_grad=True)}  # η = 0.01, μ = 0.5: too timid
+dynamics = bl.HeavyBall(lr=lambda h: h["log_lr"].exp(), momentum=lambda h: torch.sigmoid(h["logit_mu"]))
+strategy = bl.Forward() if args.hypergrad == "forward" else bl.Reverse()
+optimizer = torch.optim.Adam(hparams.values(), lr=0.1)
+
+
+def current(h):
+    return {"lr": h["log_lr"].exp().item(), "momentum": torch.sigmoid(h["logit_mu"]).item()}
+
+
+# --- the hyper-loop: one hypergradient step on λ per iteration -----------------------------------
+if not args.online:  # offline: every hyper-step trains from scratch (new w_0, new mini-batches)
+
+    def step(it):
+        row = current(hparams)
+        params0 = hpo.init_params(model, generator=gen)
+        batches = hpo.minibatches(data.train, 100, T, generator=gen)  # t -> B_t
+        hg = bl.hypergradient(problem, params0, hparams, batches, val, dynamics=dynamics, steps=T, hypergrad=strategy)
+        hpo.apply_hypergradient(optimizer, hparams, hg.hparams)
+        return {"val_loss": hg.value.item(), **row}
+
+else:  # online: one run; the InnerState carries w_t (and, in forward mode, dw_t/dλ) across segments
+    run = {"state": hpo.init_params(model, generator=gen)}
+    batches = hpo.minibatches(data.train, 100, T * args.hyper_steps, generator=gen)
+
+    def step(it):
+        row = current(hparams)
+        w_t, run["state"] = bl.solve(problem, run["state"], hparams, batches, dynamics=dynamics, steps=T,
+                                     hypergrad=strategy, return_state=True)
+        value = loss(w_t, hparams, val)
+        grads = torch.autograd.grad(value, list(hparams.values()))
+        hpo.apply_hypergradient(optimizer, hparams, dict(zip(hparams, grads)))
+        return {"val_loss": value.item(), **row}
+
+
+history = hpo.hyper_loop(step, args.hyper_steps, out=args.out, show=("val_loss", "lr", "momentum"))
+plot_history(history, f"{args.out}/lr.png", [("learning rate", ["lr"]), ("momentum", ["momentum"]), ("val loss", ["val_loss"])])
+
+# --- compare the initial and the tuned λ on the same fresh run -----------------------------------
+for name, h in (("initial", {"log_lr": torch.tensor(math.log(0.01)), "logit_mu": torch.tensor(0.0)}),
+                ("tuned", {n: v.detach() for n, v in hparams.items()})):
+    g = torch.Generator().manual_seed(1)
+    steps = T * args.hyper_steps if args.online else T
+    with torch.no_grad():
+        w = bl.solve(problem, hpo.init_params(model, generator=g), h, hpo.minibatches(data.train, 100, steps, generator=g),
+                     dynamics=dynamics, steps=steps)
+    (tr, _), (va, _) = hpo.evaluate(model, w, data.train), hpo.evaluate(model, w, data.val)
+    print(f"{name:8s} lr={current(h)['lr']:.4f} momentum={current(h)['momentum']:.3f}  train loss {tr:.4f}  val loss {va:.4f}")
+print(f"log and plot in {args.out}/")

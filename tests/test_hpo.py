@@ -1,0 +1,339 @@
+"""bilevel.hpo and `bilevel hpo`: small end-to-end runs, hyperparameters moving the right way, bad input.
+
+Every task runs on scikit-learn's digits (offline) with a handful of hyper-steps; the real-MNIST
+checks use the ``shared_data_root`` fixture (the README-sized run is marked slow).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bilevel as bl
+from bilevel import hpo
+from bilevel.cli import main
+
+SMALL = dict(n_train=200, n_val=200, n_test=200, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: intra-op threads only add contention on a shared CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------------------- tasks
+def test_clean_downweights_corrupted_examples(tmp_path):
+    m = hpo.run(hpo.CleanConfig(**SMALL, hyper_steps=15, eval_steps=150, out=tmp_path))
+    assert m["n_corrupted"] == 100 and m["n_hparams"] == 200
+    # the hyperparameters moved the right way: corrupted examples get small weights, clean ones large
+    assert m["mean_weight_corrupted"] < 0.3 < 0.7 < m["mean_weight_clean"]
+    assert m["f1"] > 0.8
+    # the references bracket the tuned model: baseline (all examples) is clearly worse than the oracle
+    assert m["baseline_accuracy"] + 0.05 < m["oracle_accuracy"]
+    assert m["test_accuracy"] > m["baseline_accuracy"] + 0.05
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"test_accuracy", "baseline_accuracy", "oracle_accuracy", "f1"} <= set(saved)
+    assert saved["f1"] == pytest.approx(m["f1"])
+    rows = _csv_rows(tmp_path / "log.csv")
+    assert len(rows) == 15 and list(rows[0])[:2] == ["step", "val_loss"]
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.2
+    for png in ("weights_hist.png", "history.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clean_projection_and_reverse(tmp_path):
+    m = hpo.run(hpo.CleanConfig(**SMALL, hyper_steps=8, eval_steps=100, weights="projection", hypergrad="reverse",
+                                inner_steps=40))
+    assert m["mean_weight_corrupted"] < m["mean_weight_clean"] - 0.1
+    assert m["hypergrad"] == "Reverse()"
+
+
+def test_clean_without_corruption_has_no_f1_reference(tmp_path):
+    m = hpo.run(hpo.CleanConfig(**SMALL, hyper_steps=2, eval_steps=50, corrupt_fraction=0.0, out=tmp_path))
+    assert m["n_corrupted"] == 0 and m["gap_closed"] is None and "mean_weight_corrupted" not in m
+    assert m["baseline_accuracy"] == m["oracle_accuracy"]
+
+
+@pytest.mark.parametrize("hypergrad", ["implicit", "reverse"])
+def test_l2_per_feature_beats_the_grid(tmp_path, hypergrad):
+    out = tmp_path / hypergrad
+    m = hpo.run(hpo.L2Config(n_train=100, n_val=300, n_test=300, progress=False, hyper_steps=12, grid_points=5,
+                             grid_min=-4, grid_max=0, eval_steps=120, hypergrad=hypergrad, out=out))
+    assert m["n_hparams"] == 64
+    assert [g["l2"] for g in m["grid"]] == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    assert m["grid_val_loss"] == min(g["val_loss"] for g in m["grid"])
+    # the tuned per-feature L2 lowers the validation loss below the best shared L2 (same refit)
+    assert m["tuned_val_loss"] < m["grid_val_loss"] - 0.02
+    assert m["tuned_log10_l2"]["max"] - m["tuned_log10_l2"]["min"] > 0.5  # the features went their own ways
+    assert (out / "l2.png").is_file() and len(_csv_rows(out / "log.csv")) == 12
+
+
+def test_l2_per_weight_entry():
+    m = hpo.run(hpo.L2Config(n_train=100, n_val=200, n_test=100, progress=False, hyper_steps=3, grid_points=2, eval_steps=50,
+                             per="weight"))
+    assert m["n_hparams"] == 640
+
+
+def test_lr_forward_and_reverse_agree_and_improve(tmp_path):
+    common = dict(**SMALL, hyper_steps=6, inner_steps=15, hyper_lr=0.2, batch_size=50)
+    fwd = hpo.run(hpo.LRConfig(**common, hypergrad="forward", out=tmp_path))
+    rev = hpo.run(hpo.LRConfig(**common, hypergrad="reverse"))
+    # two independent mechanisms (jvp forward mode, back-propagation) walk the same hyper-path
+    assert fwd["tuned_lr"] == pytest.approx(rev["tuned_lr"], rel=1e-4)
+    assert fwd["tuned_momentum"] == pytest.approx(rev["tuned_momentum"], rel=1e-4)
+    # too small a learning rate at the start: the hypergradient raises η and μ, and the losses drop
+    assert fwd["tuned_lr"] > 2 * fwd["initial_lr"] and fwd["tuned_momentum"] > fwd["initial_momentum"]
+    assert fwd["tuned_val_loss"] < fwd["initial_val_loss"] - 0.2
+    assert fwd["tuned_train_loss"] < fwd["initial_train_loss"] - 0.2
+    rows = _csv_rows(tmp_path / "log.csv")
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert float(rows[0]["lr"]) == pytest.approx(0.01)
+    assert (tmp_path / "lr.png").is_file() and "initial" in json.loads((tmp_path / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("hypergrad", ["forward", "truncated"])
+def test_lr_online_updates_within_one_run(hypergrad):
+    m = hpo.run(hpo.LRConfig(**SMALL, hyper_steps=8, inner_steps=10, online=True, hypergrad=hypergrad, hyper_lr=0.2))
+    assert m["mode"] == "online" and m["eval_steps"] == 80
+    assert m["tuned_lr"] > m["initial_lr"]
+    assert m["tuned_val_loss"] < m["initial_val_loss"]
+    assert math.isfinite(m["online_run"]["val_loss"])
+
+
+def test_lr_schedule(tmp_path):
+    m = hpo.run(hpo.LRConfig(**SMALL, hyper_steps=4, inner_steps=10, schedule=True, hyper_lr=0.2, out=tmp_path))
+    assert m["hypergrad"] == "Reverse()" and len(m["tuned_schedule"]) == 10
+    assert min(m["tuned_schedule"]) > m["initial_lr"]
+    assert m["tuned_val_loss"] < m["initial_val_loss"]
+    assert (tmp_path / "schedule.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------- data
+def test_load_digits_and_split(gen):
+    x, y, k = hpo.load_dataset("digits")
+    assert x.shape == (1797, 64) and x.dtype == torch.float32 and 0.0 <= float(x.min()) and float(x.max()) == 1.0
+    assert k == 10 and y.dtype == torch.int64
+    data = hpo.split_dataset(x, y, 100, 50, 25, generator=gen, num_classes=k)
+    assert [len(s.y) for s in (data.train, data.val, data.test)] == [100, 50, 25]
+    ids = hpo.split_dataset(torch.arange(1797.0)[:, None], y, 100, 50, 25, generator=gen)
+    used = torch.cat([ids.train.x, ids.val.x, ids.test.x]).flatten()
+    assert len(torch.unique(used)) == 175  # disjoint sets
+    assert torch.equal(y[ids.val.x.flatten().long()], ids.val.y)  # labels follow their examples
+    with pytest.raises(hpo.OptionError, match=r"the validation set is empty \(n_val=0\)"):
+        hpo.split_dataset(x, y, 100, 0, 25, generator=gen)
+    with pytest.raises(hpo.OptionError, match="but data has only 1797"):
+        hpo.split_dataset(x, y, 1000, 800, 25, generator=gen)
+
+
+def test_corrupt_labels_flips_exactly_the_fraction(gen):
+    y = torch.arange(10).repeat(20)
+    noisy, corrupted = hpo.corrupt_labels(y, 0.5, 10, generator=gen)
+    assert int(corrupted.sum()) == 100
+    assert bool((noisy[corrupted] != y[corrupted]).all()) and bool((noisy[~corrupted] == y[~corrupted]).all())
+    assert int(noisy.min()) >= 0 and int(noisy.max()) <= 9
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(hpo.OptionError, match=r"corrupt fraction must be in \[0, 1\)") as e:
+            hpo.corrupt_labels(y, bad, 10, generator=gen)
+        assert e.value.option == "corrupt_fraction"
+
+
+def test_minibatches_are_reproducible(gen):
+    split = hpo.Split(torch.arange(50.0)[:, None], torch.arange(50))
+    batch = hpo.minibatches(split, 8, 5, generator=gen)
+    assert torch.equal(batch(3)[1], batch(3)[1]) and batch(1)[0].shape == (8, 1)
+    with pytest.raises(ValueError, match=r"step 6, outside 1..5"):
+        batch(6)
+    whole = hpo.minibatches(split, 100, 2, generator=gen)
+    assert whole(1)[0] is split.x
+
+
+def test_missing_or_broken_mnist(tmp_path):
+    with pytest.raises(hpo.OptionError, match="needs --data-root"):
+        hpo.load_dataset("mnist")
+    with pytest.raises(hpo.OptionError, match="does not exist"):
+        hpo.load_dataset("mnist", tmp_path / "nowhere")
+    with pytest.raises(hpo.OptionError, match=r"no MNIST under .*mnist10k.npz.*--download"):
+        hpo.load_dataset("mnist", tmp_path)
+    (tmp_path / "mnist10k.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match="cannot read it as an .npz archive"):
+        hpo.load_dataset("mnist", tmp_path)
+    np.savez(tmp_path / "mnist10k.npz", images=np.zeros((3, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match=r"missing array\(s\) \['labels'\]"):
+        hpo.load_dataset("mnist", tmp_path)
+    np.savez(tmp_path / "mnist10k.npz", images=np.zeros((3, 28, 28), np.uint8), labels=np.zeros(4, np.uint8))
+    with pytest.raises(ValueError, match=r"'images' has shape \[3, 28, 28\] and 'labels' \[4\]"):
+        hpo.load_dataset("mnist", tmp_path)
+    with pytest.raises(hpo.OptionError, match="unknown dataset 'cifar'"):
+        hpo.load_dataset("cifar")
+
+
+def test_npz_path_and_pixel_scaling(tmp_path):
+    images = np.full((5, 28, 28), 255, np.uint8)
+    np.savez(tmp_path / "tiny.npz", images=images, labels=np.arange(5))
+    x, y, k = hpo.load_dataset("mnist", tmp_path / "tiny.npz")
+    assert x.shape == (5, 784) and float(x.max()) == 1.0 and y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_real_mnist10k(shared_data_root):
+    x, y, k = hpo.load_dataset("mnist", shared_data_root)
+    assert x.shape == (10000, 784) and k == 10 and 0.0 <= float(x.min()) and float(x.max()) == 1.0
+    assert sorted(torch.unique(y).tolist()) == list(range(10))
+
+
+@pytest.mark.slow
+def test_real_mnist_hyper_cleaning_closes_the_gap(shared_data_root, tmp_path):
+    """The README's run: ≥ 80% of the baseline→oracle gap closed, F1 ≥ 0.85 (1-4 minutes)."""
+    m = hpo.run(hpo.CleanConfig(data_root=shared_data_root, out=tmp_path, progress=False))
+    assert m["gap_closed"] >= 0.8 and m["f1"] >= 0.85
+
+
+# ---------------------------------------------------------------------------------- the loop
+def test_hyper_loop_logs_and_stops_on_non_finite(tmp_path):
+    rows = hpo.hyper_loop(lambda it: {"val_loss": 1.0 / it, "lr": torch.tensor(0.5)}, 3, out=tmp_path, progress=False)
+    assert [r["val_loss"] for r in rows] == [1.0, 0.5, pytest.approx(1 / 3)] and rows[0]["lr"] == 0.5
+    assert len(_csv_rows(tmp_path / "log.csv")) == 3
+    with pytest.raises(ValueError, match=r"hyper-step 2: \['val_loss'\] not finite"):
+        hpo.hyper_loop(lambda it: {"val_loss": float("nan") if it == 2 else 1.0}, 3, out=tmp_path, progress=False)
+    assert len(_csv_rows(tmp_path / "log.csv")) == 1  # what was logged before the failure is on disk
+    with pytest.raises(hpo.OptionError, match="hyper_steps must be an integer >= 1"):
+        hpo.hyper_loop(lambda it: {}, 0)
+
+
+def test_apply_hypergradient_checks_its_input():
+    h = {"a": torch.zeros(3, requires_grad=True), "fixed": torch.ones(2)}
+    opt = torch.optim.SGD([h["a"]], lr=0.5)
+    hpo.apply_hypergradient(opt, h, {"a": torch.tensor([1.0, 2.0, 3.0])})
+    assert h["a"].tolist() == [-0.5, -1.0, -1.5]
+    with pytest.raises(ValueError, match=r"no hypergradient for hparams\['a'\]"):
+        hpo.apply_hypergradient(opt, h, {})
+    with pytest.raises(ValueError, match=r"shape \[2\], expected \[3\]"):
+        hpo.apply_hypergradient(opt, h, {"a": torch.zeros(2)})
+    with pytest.raises(ValueError, match="not finite"):
+        hpo.apply_hypergradient(opt, h, {"a": torch.tensor([0.0, float("inf"), 0.0])})
+
+
+def test_make_strategy():
+    assert hpo.make_strategy("forward", inner_steps=10) == bl.Forward()
+    assert hpo.make_strategy("checkpointed", inner_steps=100) == bl.Checkpointed(10)
+    assert hpo.make_strategy("truncated", inner_steps=10) == bl.Truncated(2)
+    assert repr(hpo.make_strategy("implicit", inner_steps=10, cg_iters=7)) == "Implicit(CG(maxiter=7, tol=1e-10))"
+    with pytest.raises(hpo.OptionError, match=r"truncate must be in 1..inner_steps=10, got 11"):
+        hpo.make_strategy("truncated", inner_steps=10, truncate=11)
+    with pytest.raises(hpo.OptionError, match="unknown hypergradient strategy 'exact'"):
+        hpo.make_strategy("exact", inner_steps=10)
+
+
+@pytest.mark.parametrize(
+    "task, options, option, message",
+    [
+        ("clean", {"corrupt_fraction": 1.0}, "corrupt_fraction", r"must be a number in \[0, 1\), got 1.0"),
+        ("clean", {"weights": "softmax"}, "weights", "weights must be one of"),
+        ("lr", {"hypergrad": "implicit"}, "hypergrad", "task 'lr' supports hypergrad in"),
+        ("lr", {"momentum": 1.0}, "momentum", r"momentum must be a number in \(0, 1\)"),
+        ("lr", {"schedule": True, "online": True}, "schedule", "cannot be combined"),
+        ("l2", {"hyper_steps": 0}, "hyper_steps", "hyper_steps must be an integer >= 1, got 0"),
+        ("l2", {"truncate": 3}, "truncate", "applies to hypergrad='truncated' only"),
+        ("l2", {"dataset": "cifar"}, "dataset", "unknown dataset 'cifar'"),
+        ("l2", {"device": "nonsense"}, "device", "invalid device 'nonsense'"),
+        ("l2", {"colour": 1}, "colour", r"task 'l2' has no option\(s\) \['colour'\]"),
+    ],
+)
+def test_config_errors_name_the_option(task, options, option, message):
+    with pytest.raises(hpo.OptionError, match=message) as e:
+        hpo.make_config(task, **options)
+    assert e.value.option == option
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_clean_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["hpo", "clean", "--n-train", "200", "--n-val", "200", "--n-test", "200",
+                                       "--hyper-steps", "5", "--eval-steps", "100", "--out", str(out), "--no-progress",
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mean_weight_corrupted"] < metrics["mean_weight_clean"]
+    assert f'"f1": {metrics["f1"]}' in result.output and f"wrote {out}/metrics.json" in result.output
+    assert {p.name for p in out.iterdir()} >= {"log.csv", "metrics.json", "weights_hist.png", "history.png"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["clean", "--corrupt-fraction", "1.0"], "Invalid value for '--corrupt-fraction'"),
+        (["clean", "--corrupt-fraction", "-0.5"], "Invalid value for '--corrupt-fraction'"),
+        (["clean", "--n-val", "0"], "Invalid value for '--n-val': the validation set is empty"),
+        (["l2", "--data-root", "/no/such/folder"], "Invalid value for '--data-root': data root /no/such/folder does not exist"),
+        (["lr", "--hypergrad", "implicit"], "Invalid value for '--hypergrad': task 'lr' supports"),
+        (["lr", "--hypergrad", "magic"], "Invalid value for '--hypergrad'"),
+        (["lr", "--hyper-steps", "two"], "Invalid value for '--hyper-steps'"),
+        (["l2", "--n-train", "5000"], "Invalid value for '--n-train'"),
+        (["l2", "--threads", "0"], "Invalid value for '--threads'"),
+    ],
+)
+def test_cli_bad_options_are_usage_errors(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["hpo", *args, "--out", str(tmp_path / "x"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
+
+
+def test_cli_missing_mnist_file(tmp_path):
+    result = CliRunner().invoke(main, ["hpo", "clean", "--data-root", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert f"no MNIST under {tmp_path}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_cli_diverging_run_is_a_clean_error(tmp_path):
+    result = CliRunner().invoke(main, ["hpo", "lr", "--hyper-lr", "1e3", "--hyper-steps", "2", "--inner-steps", "5",
+                                       "--n-train", "100", "--n-val", "50", "--n-test", "50", "--out", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 1
+    assert "Error: inner_loss is not finite" in result.output and "Traceback" not in result.output
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian header: magic, then one int32 per dimension)."""
+    magic = {3: 2051, 1: 2049}[array.ndim]
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_mnist_layout(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 3), ("t10k", 2)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", np.full((n, 28, 28), 51))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n))
+    x, y, k = hpo.load_dataset("mnist", tmp_path)
+    assert x.shape == (5, 784) and float(x.max()) == pytest.approx(0.2) and y.tolist() == [0, 1, 2, 0, 1]
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(hpo.OptionError, match="torchvision could not load MNIST"):
+        hpo.load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("script", ["hpo_lr.py", "hpo_l2.py", "hpo_clean.py"])
+def test_examples_run(tmp_path, script, monkeypatch, capsys):
+    """Each example script runs end to end on digits with 2 hyper-steps (2-5 s each)."""
+    import runpy
+
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    monkeypatch.setattr("sys.argv", [str(path), "--hyper-steps", "2", "--out", str(tmp_path)])
+    runpy.run_path(str(path), run_name="__main__")
+    assert len(_csv_rows(tmp_path / "log.csv")) == 2
+    assert {"hpo_lr.py": "tuned ", "hpo_l2.py": "per-feature L2", "hpo_clean.py": "F1"}[script] in capsys.readouterr().out

@@ -16,6 +16,7 @@ sinusoid) the ground models are linear least-squares regressors on the features 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -116,6 +117,7 @@ class HyperRepr(MetaLearner):
         }
         self.task = "regression" if ways is None else "classification"
         self.h = make_network(backbone, example_shape, ways, backbone_options, head=False)
+        self._episodes_arg = "episodes" in inspect.signature(self.h.forward).parameters
         buffers = [k for k, _ in self.h.named_buffers()]
         if buffers:
             raise ValueError(f"the representation must be pure (bn='task' or 'none'); it has buffers {buffers}")
@@ -130,7 +132,19 @@ class HyperRepr(MetaLearner):
 
     # -- the batched ground problems ----------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
-        """h(x) for B episodes at once: [B, n, *example_shape] -> [B, n, d]."""
+        """h(x) for B episodes at once: [B, n, *example_shape] -> [B, n, d].
+
+        On CPU the episodes go through the network one at a time: each episode's activations
+        stay in cache, which beats one large batch (measured in
+        ``benchmarks/hyper_repr_vs_peers.py``). On accelerators, one pass through the shared
+        representation with per-episode BatchNorm statistics (``episodes=B``) when the
+        backbone supports it, else ``vmap`` over the episodes.
+        """
+        b, n = x.shape[:2]
+        if x.device.type == "cpu":
+            return torch.stack([self.h(x[j]) for j in range(b)])
+        if self._episodes_arg:
+            return self.h(x.reshape(b * n, *x.shape[2:]), episodes=b).reshape(b, n, -1)
         return vmap(self.h)(x)
 
     @staticmethod

@@ -99,7 +99,7 @@ def test_vmap_over_tasks_equals_loop_and_keeps_tasks_separate(gen):
     stacked = {k: v.detach().unsqueeze(0).repeat(3, *[1] * v.ndim) for k, v in params.items()}
     out = vmap(lambda p, xi: functional_call(m, p, (xi,)))(stacked, x)
     torch.testing.assert_close(out, looped, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="vmap over the task dimension"):
+    with pytest.raises(ValueError, match="flatten them and pass episodes=E"):
         m(x)
 
 
@@ -166,3 +166,21 @@ def test_factory_errors():
         resnet12(variant="svhn")
     with pytest.raises(ValueError, match=r"MLP expects \[M, 1\]"):
         mlp()(torch.zeros(3))
+
+
+@pytest.mark.parametrize("bn", ["task", "per_step"])
+def test_one_pass_with_episodes_equals_separate_calls(bn):
+    from bilevel.models import conv4, resnet12
+
+    g = torch.Generator().manual_seed(0)
+    for net, x in ((conv4(1, 8, 28, bn=bn, bn_steps=2), torch.randn(3, 4, 1, 28, 28, generator=g)),
+                   (resnet12(3, 32, variant="cifar", channels=(4, 4, 4, 4), drop_rate=0.0, bn=bn, bn_steps=2),
+                    torch.randn(3, 4, 3, 32, 32, generator=g))):
+        step = 1 if bn == "per_step" else None
+        joint = net(x.flatten(0, 1), step=step, episodes=3)
+        separate = torch.cat([net(x[j], step=step) for j in range(3)])
+        torch.testing.assert_close(joint, separate, rtol=1e-5, atol=1e-5)
+        whole = net(x.flatten(0, 1), step=step)  # one set of statistics: different
+        assert (whole - separate).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="does not divide"):
+            net(x.flatten(0, 1), episodes=5)

@@ -38,12 +38,14 @@ def to_channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _check_images(x: Tensor, c: int, name: str) -> None:
+def _check_images(x: Tensor, c: int, name: str, episodes: int | None = None) -> None:
     if x.ndim != 4 or x.shape[1] != c:
         raise ValueError(
             f"{name} expects one batch of images [M, {c}, H, W], got {tuple(x.shape)}; "
-            "for several tasks use torch.func.vmap over the task dimension"
+            "for several tasks flatten them and pass episodes=E, or use torch.func.vmap"
         )
+    if episodes is not None and (episodes < 1 or x.shape[0] % episodes):
+        raise ValueError(f"{name}: episodes={episodes} does not divide the batch of {x.shape[0]} images")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -111,19 +113,21 @@ class Conv4(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor, step: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, step: int | None = None, episodes: int | None = None) -> Tensor:
         """[M, C, H, W] -> [M, out_features]; ``step`` selects per-step BatchNorm parameters.
 
-        Activations are kept in ``channels_last`` memory format outside ``torch.func``
-        transforms: the same values, but BatchNorm and max-pooling kernels are several times
-        faster on CPU (``benchmarks/maml_vs_peers.py``).
+        ``episodes=E``: x holds E episodes of M/E images each, normalised per episode (one
+        pass through the shared weights embeds a whole meta-batch; see
+        :func:`bilevel.models.layers.apply_norm`). Activations are kept in ``channels_last``
+        memory format outside ``torch.func`` transforms: the same values, but BatchNorm and
+        max-pooling kernels are several times faster on CPU.
         """
-        _check_images(x, self.in_channels, "Conv4")
+        _check_images(x, self.in_channels, "Conv4", episodes)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = conv(x)
             if i == 0:
                 h = to_channels_last(h)
-            x = apply_norm(norm, h, step).relu()
+            x = apply_norm(norm, h, step, episodes).relu()
             if self.pool == "max":
                 x = nn.functional.max_pool2d(x, 2)
         x = x.flatten(1)
@@ -143,12 +147,12 @@ class _ResBlock(nn.Module):
         self.bn_short = make_norm(bn, planes, bn_steps)
         self.drop = DropBlock(block_size)
 
-    def forward(self, x: Tensor, step: int | None, drop_rate: float) -> Tensor:
+    def forward(self, x: Tensor, step: int | None, drop_rate: float, episodes: int | None = None) -> Tensor:
         act = nn.functional.leaky_relu
-        out = act(apply_norm(self.bn1, self.conv1(x), step), 0.1)
-        out = act(apply_norm(self.bn2, self.conv2(out), step), 0.1)
-        out = apply_norm(self.bn3, self.conv3(out), step)
-        out = act(out + apply_norm(self.bn_short, self.shortcut(x), step), 0.1)
+        out = act(apply_norm(self.bn1, self.conv1(x), step, episodes), 0.1)
+        out = act(apply_norm(self.bn2, self.conv2(out), step, episodes), 0.1)
+        out = apply_norm(self.bn3, self.conv3(out), step, episodes)
+        out = act(out + apply_norm(self.bn_short, self.shortcut(x), step, episodes), 0.1)
         return self.drop(nn.functional.max_pool2d(out, 2), drop_rate)
 
 
@@ -206,12 +210,15 @@ class ResNet12(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
 
-    def forward(self, x: Tensor, step: int | None = None, drop_rate: float | None = None) -> Tensor:
-        """[M, C, H, W] -> [M, out_features]."""
-        _check_images(x, self.in_channels, "ResNet12")
+    def forward(self, x: Tensor, step: int | None = None, drop_rate: float | None = None,
+                episodes: int | None = None) -> Tensor:
+        """[M, C, H, W] -> [M, out_features]; ``episodes=E``: per-episode BatchNorm statistics
+        (see :meth:`Conv4.forward`); activations in ``channels_last`` outside torch.func."""
+        _check_images(x, self.in_channels, "ResNet12", episodes)
         rate = self.drop_rate if drop_rate is None else drop_rate
+        x = to_channels_last(x) if x.shape[1] > 1 else x
         for blk in self.blocks:
-            x = blk(x, step, rate)
+            x = blk(x, step, rate, episodes)
         return x.flatten(1)
 
 

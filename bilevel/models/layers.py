@@ -68,11 +68,35 @@ def make_norm(bn: str, channels: int, steps: int = 1) -> nn.Module:
     raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
 
 
-def apply_norm(norm: nn.Module, x: Tensor, step: int | None) -> Tensor:
-    """Call ``norm`` with ``step`` only if it is per-step."""
+def apply_norm(norm: nn.Module, x: Tensor, step: int | None, episodes: int | None = None) -> Tensor:
+    """Call ``norm`` (with ``step`` if it is per-step).
+
+    ``episodes=E`` says that the batch [E·n, C, H, W] holds E episodes of n examples each:
+    the ``"task"``/``"per_step"`` policies then normalise every episode by its own statistics
+    (the same values as E separate calls), so that one forward pass through shared weights can
+    embed a whole meta-batch. ``"running"`` BatchNorm ignores it (whole-batch statistics).
+    """
     if isinstance(norm, PerStepBatchNorm2d):
-        return norm(x, 0 if step is None else step)
+        s = 0 if step is None else step
+        if episodes is not None and episodes > 1:
+            return episode_batch_norm(x, episodes, norm.weight[s], norm.bias[s], norm.eps)
+        return norm(x, s)
+    if episodes is not None and episodes > 1 and isinstance(norm, nn.BatchNorm2d) and not norm.track_running_stats:
+        return episode_batch_norm(x, episodes, norm.weight, norm.bias, norm.eps)
     return norm(x)
+
+
+def episode_batch_norm(x: Tensor, episodes: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Batch normalisation with separate statistics for each of ``episodes`` equal slices of x.
+
+    Invariant: equals ``torch.cat([F.batch_norm(t, None, None, weight, bias, True, 0, eps)
+    for t in x.chunk(episodes)])`` for x [E·n, C, H, W] (biased variance, as BatchNorm).
+    """
+    m = x.shape[0]
+    if m % episodes:
+        raise ValueError(f"a batch of {m} examples cannot hold {episodes} episodes of equal size")
+    # one fused batch_norm per episode (the slices of a channels_last batch stay channels_last)
+    return torch.cat([F.batch_norm(t, None, None, weight, bias, True, 0.0, eps) for t in x.split(m // episodes)])
 
 
 class DropBlock(nn.Module):

@@ -14,15 +14,16 @@ before reporting time.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import interleaved_medians, rel_err  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.hyper_repr import HyperRepr  # noqa: E402
@@ -51,10 +52,6 @@ def step_higher(learner: HyperRepr, ep) -> list[torch.Tensor]:
             total = total + F.cross_entropy(fhead(zq), ep.query_y[j])
     return list(torch.autograd.grad(total / b, list(learner.parameters())))
 
-
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = sum(float(((x - y).double() ** 2).sum()) for x, y in zip(a, b)) ** 0.5
-    return num / sum(float((y.double() ** 2).sum()) for y in b) ** 0.5
 
 
 def main() -> None:
@@ -90,13 +87,9 @@ def main() -> None:
         err = rel_err(step_bilevel(make(torch.float64), ep64), step_higher(make(torch.float64), ep64))
         assert err < 1e-4, f"T={steps}: bilevel and higher meta-gradients differ (relative error {err:.2e})"
         learner = make(torch.float32)
-        times = {"bilevel": [], "higher": []}
-        for _ in range(args.repeats):
-            for name, fn in (("bilevel", step_bilevel), ("higher", step_higher)):
-                t0 = time.perf_counter()
-                fn(learner, ep)
-                times[name].append(time.perf_counter() - t0)
-        tb, th = statistics.median(times["bilevel"]), statistics.median(times["higher"])
+        med = interleaved_medians({"bilevel": lambda: step_bilevel(learner, ep),
+                                   "higher": lambda: step_higher(learner, ep)}, args.repeats)
+        tb, th = med["bilevel"], med["higher"]
         speedups.append(th / tb)
         print(f"| {steps} | {tb:.3f} | {th:.3f} | {th / tb:.2f}x | {err:.1e} |")
     print(f"speedup vs fastest peer: {speedups[0]:.2f}x")

@@ -19,17 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import interleaved_medians, rel_err  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.maml import MAML  # noqa: E402
@@ -107,11 +108,6 @@ def implementations(cfg: dict):
     }
 
 
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = sum(float(((x - y).double() ** 2).sum()) for x, y in zip(a, b)) ** 0.5
-    den = sum(float((y.double() ** 2).sum()) for y in b) ** 0.5
-    return num / den
-
 
 def one_memory(name: str, cfg_name: str, episode_file: str, threads: int) -> float:
     """Peak-RSS growth of one meta-iteration, in a process that holds nothing but the episodes."""
@@ -152,13 +148,7 @@ def main() -> None:
         for name in ("higher", "torchopt"):
             err = rel_err(grads["bilevel"], grads[name])
             assert err < 1e-4, f"{cfg_name}: bilevel and {name} meta-gradients differ (relative error {err:.2e})"
-        times: dict[str, list[float]] = {name: [] for name in impls}
-        for _ in range(args.repeats):
-            for name, fn in impls.items():
-                t0 = time.perf_counter()
-                fn(learner, ep)
-                times[name].append(time.perf_counter() - t0)
-        med = {name: statistics.median(v) for name, v in times.items()}
+        med = interleaved_medians({name: (lambda fn=fn: fn(learner, ep)) for name, fn in impls.items()}, args.repeats)
         mem = {}
         with tempfile.TemporaryDirectory() as tmp:
             episode_file = str(Path(tmp) / "episodes.pt")

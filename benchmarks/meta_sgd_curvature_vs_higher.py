@@ -14,15 +14,16 @@ accelerators) and loop otherwise (conv nets on CPU). The meta-gradients are chec
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import interleaved_medians, rel_err  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.common import param_key  # noqa: E402
@@ -60,11 +61,6 @@ def step_higher(learner, ep) -> list[torch.Tensor]:
     return list(torch.autograd.grad(total / ep.support_x.shape[0], list(learner.parameters()), allow_unused=True))
 
 
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor | None]) -> float:
-    b = [torch.zeros_like(x) if y is None else y for x, y in zip(a, b)]
-    num = sum(float(((x - y).double() ** 2).sum()) for x, y in zip(a, b)) ** 0.5
-    return num / sum(float((y.double() ** 2).sum()) for y in b) ** 0.5
-
 
 def problems(data_root: Path) -> dict:
     sin = load_dataset("sinusoid", None, "train")
@@ -100,13 +96,9 @@ def main() -> None:
             err = rel_err(step_bilevel(make(torch.float64), ep64), step_higher(make(torch.float64), ep64))
             assert err < 1e-4, f"{cls.__name__} / {problem}: meta-gradients differ (relative error {err:.2e})"
             learner = make(torch.float32)
-            times = {"bilevel": [], "higher": []}
-            for _ in range(args.repeats):
-                for name, fn in (("bilevel", step_bilevel), ("higher", step_higher)):
-                    t0 = time.perf_counter()
-                    fn(learner, ep)
-                    times[name].append(time.perf_counter() - t0)
-            tb, th = statistics.median(times["bilevel"]), statistics.median(times["higher"])
+            med = interleaved_medians({"bilevel": lambda: step_bilevel(learner, ep),
+                                       "higher": lambda: step_higher(learner, ep)}, args.repeats)
+            tb, th = med["bilevel"], med["higher"]
             print(f"| {cls.__name__} | {problem} | {tb:.4f} | {th:.4f} | {th / tb:.2f}x | {err:.1e} |", flush=True)
             if cls is MetaSGD and "Conv-4" in problem:  # headline: the MAML benchmark's configuration
                 headline = th / tb

@@ -89,8 +89,22 @@ def _positive(name: str, value: float | Tensor) -> None:
         raise ValueError(f"{name} must be a finite scalar > 0, got {value!r}")
 
 
+class _Gram(torch.autograd.Function):
+    """``K = S S^T`` whose backward is one product, ``dS = (dK + dK^T) S`` (autograd uses two)."""
+
+    @staticmethod
+    def forward(ctx, S: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(S)
+        return S @ S.mT
+
+    @staticmethod
+    def backward(ctx, dK: Tensor) -> Tensor:  # type: ignore[override]
+        (S,) = ctx.saved_tensors
+        return (dK + dK.mT) @ S
+
+
 def _gram(support: Tensor) -> Tensor:
-    return support @ support.mT
+    return _Gram.apply(support)
 
 
 def _score(query: Tensor, support: Tensor, coef: Tensor) -> Tensor:

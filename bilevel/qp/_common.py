@@ -37,32 +37,35 @@ def step_to_boundary(v: Tensor, dv: Tensor, dims: tuple[int, ...]) -> Tensor:
     return ratio.amin(dim=dims)
 
 
-def cholesky_jittered(H: Tensor, jitter: float, tries: int = 6) -> Tensor:
-    """Upper Cholesky factor ``U`` (``U^T U = H + delta I``) for a batch of symmetric PSD matrices ``[..., n, n]``.
+def cholesky_jittered(H: Tensor, jitter: float, tries: int = 6, *, inplace: bool = False) -> Tensor:
+    """Upper Cholesky factor ``U`` (``U^T U = H + delta I``) of a batch of symmetric PSD ``[..., n, n]``.
 
     ``delta`` starts at ``jitter`` (absolute: callers pass matrices of unit scale) and grows 1000x
     for the matrices whose factorisation fails, so singular but PSD matrices (duplicated points,
-    all-zero embeddings) never raise. Matrices that still fail get a factor of their diagonal,
-    which keeps the outputs finite.
+    all-zero embeddings) never raise. Matrices that still fail get the square root of their
+    diagonal, which keeps the outputs finite. ``inplace=True`` lets it add ``delta`` to ``H``.
     """
-    n = H.shape[-1]
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    if not inplace:
+        H = H.clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
     delta = torch.full(H.shape[:-2], jitter, dtype=H.dtype, device=H.device)
-    L, info = torch.linalg.cholesky_ex(H + delta[..., None, None] * eye, upper=True)
+    diag.add_(delta[..., None])
+    U, info = torch.linalg.cholesky_ex(H, upper=True)
     for _ in range(tries):
         bad = info != 0
         if not bool(bad.any()):
-            return L
-        delta = torch.where(bad, delta * 1e3, delta)
-        L2, info2 = torch.linalg.cholesky_ex(H + delta[..., None, None] * eye, upper=True)
-        L = torch.where(bad[..., None, None], L2, L)
+            return U
+        grow = torch.where(bad, delta * 999.0, torch.zeros_like(delta))
+        diag.add_(grow[..., None])
+        delta = delta + grow
+        U2, info2 = torch.linalg.cholesky_ex(H, upper=True)
+        U = torch.where(bad[..., None, None], U2, U)
         info = torch.where(bad, info2, torch.zeros_like(info))
     if bool((info != 0).any()):
         # Last resort (non-finite or indefinite input slipped through): factor the diagonal.
         bad = (info != 0)[..., None, None]
-        diag = torch.diag_embed(H.diagonal(dim1=-2, dim2=-1).abs().clamp_min(1.0).sqrt())  # diagonal: U = L
-        L = torch.where(bad, diag, L)
-    return L
+        U = torch.where(bad, torch.diag_embed(diag.abs().clamp_min(1.0).sqrt()), U)
+    return U
 
 
 def finite_or_raise(name: str, t: Tensor) -> None:

@@ -47,6 +47,10 @@ _JITTER = 1e-13
 _ACTIVE_SET_MAX_ITER = 15
 #: Interior-point iteration cap of the fallback.
 _IPM_MAX_ITER = 100
+#: Largest estimated condition number of K for the Woodbury path of the active-set method.
+_WOODBURY_MAX_COND = 1e8
+#: Largest fraction of fixed entries per class for the Woodbury path (else direct factorisation).
+_WOODBURY_MAX_FIXED = 0.6
 
 
 def _mv(M: Tensor, v: Tensor) -> Tensor:
@@ -54,8 +58,8 @@ def _mv(M: Tensor, v: Tensor) -> Tensor:
     return (M @ v[..., None])[..., 0]
 
 
-class _Blocks:
-    """Factorisation of the class-separable system (class-major vectors ``[B, m, n]``).
+class _Direct:
+    """Explicit factorisation of the class-separable system (class-major vectors ``[B, m, n]``).
 
     For class ``k`` with free mask ``f_k`` (1 free, 0 fixed) and weights ``w_k`` on free entries::
 
@@ -63,26 +67,33 @@ class _Blocks:
 
     ``solve(r, re)`` returns ``x, nu`` with ``H_k x_k + f_k * nu = r_k`` and ``sum_k x_k = re``.
     With ``f = None`` every entry is free and ``w`` is a scalar: one factorisation shared by classes.
+    Cost: ``m`` Cholesky factorisations and inverses of ``n x n`` matrices.
     """
 
     def __init__(self, K: Tensor, m: int, f: Tensor | None, w: Tensor | float) -> None:
-        n = K.shape[-1]
-        eye = torch.eye(n, dtype=K.dtype, device=K.device)
         if f is None:
             if not isinstance(w, float):
                 raise TypeError("a shared factorisation needs a scalar weight")
-            H = (K + w * eye)[:, None]  # [B, 1, n, n]
-            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, _JITTER), upper=True)
+            H = K.clone()
+            H.diagonal(dim1=-2, dim2=-1).add_(w)
+            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, _JITTER, inplace=True), upper=True)[:, None]
             S = m * self.Hinv[:, 0]
-            self.f = None
         else:
             H = K[:, None].expand(-1, m, -1, -1).clone()
             H.mul_(f[..., :, None]).mul_(f[..., None, :])
             H.diagonal(dim1=-2, dim2=-1).add_(f * w + (1 - f))
-            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, _JITTER), upper=True)
-            S = (self.Hinv * f[..., None, :]).sum(1)
-            self.f = f
-        self.Ls = cholesky_jittered(S, _JITTER)
+            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, _JITTER, inplace=True), upper=True)
+            # H_k^-1 F_k = H_k^-1 minus its (diagonal) fixed block
+            S = self.Hinv.sum(1)
+            S.diagonal(dim1=-2, dim2=-1).sub_(((1 - f) * self.Hinv.diagonal(dim1=-2, dim2=-1)).sum(1))
+        self.f = f
+        self.Ls = cholesky_jittered(S, _JITTER, inplace=True)
+
+    def select(self, keep: Tensor) -> "_Direct":
+        out = _Direct.__new__(_Direct)
+        out.Hinv, out.Ls = self.Hinv[keep], self.Ls[keep]
+        out.f = None if self.f is None else self.f[keep]
+        return out
 
     def solve(self, r: Tensor, re: Tensor | None) -> tuple[Tensor, Tensor]:
         t = _mv(self.Hinv, r)  # [B, m, n]
@@ -92,29 +103,96 @@ class _Blocks:
         return t - corr, nu
 
 
+class _Woodbury:
+    """The active-set system of :class:`_Direct`, from one shared inverse ``Pm = (K + eps I)^-1``.
+
+    The inverse of the free block of ``K`` is a Schur complement of ``Pm`` (Woodbury)::
+
+        Z_k = Pm - Pm[:, A] Pm[A, A]^-1 Pm[A, :] = F_k K_FF^-1 F_k    (A: fixed entries of class k)
+
+    so each class only needs a factorisation of its ``|A| x |A|`` block (padded to the largest
+    in the batch) and ``S = sum_k Z_k = m Pm - V V^T`` is one matrix product. Used when ``K`` is
+    well conditioned; cost ``O(m (n a^2 + a^3) + m n^2 a)`` with ``a`` fixed entries per class.
+    """
+
+    def __init__(self, Pm: Tensor, f: Tensor) -> None:
+        B, m, n = f.shape
+        self.Pm, self.f = Pm, f
+        fixed = f == 0
+        counts = fixed.sum(-1)  # [B, m]
+        a = int(counts.max()) if counts.numel() else 0
+        if a == 0:
+            self.V = None
+            S = m * Pm
+        else:
+            idx = torch.argsort(fixed.to(torch.int8), dim=-1, descending=True, stable=True)[..., :a]  # [B, m, a]
+            valid = (torch.arange(a, device=f.device) < counts[..., None]).to(Pm.dtype)  # [B, m, a]
+            T = torch.gather(Pm[:, None].expand(B, m, n, n), 3, idx[:, :, None, :].expand(B, m, n, a))
+            T = T * valid[:, :, None, :]
+            Cm = torch.gather(T, 2, idx[..., :, None].expand(B, m, a, a)) * valid[..., :, None]
+            Cm.diagonal(dim1=-2, dim2=-1).add_(1 - valid)
+            R = cholesky_jittered(Cm, _JITTER, inplace=True)
+            eye = torch.eye(a, dtype=Pm.dtype, device=Pm.device)
+            self.V = T @ torch.linalg.solve_triangular(R, eye, upper=True)  # V = T R^-1: V V^T = T C^-1 T^T
+            Vh = self.V.permute(0, 2, 1, 3).reshape(B, n, m * a)
+            S = m * Pm - Vh @ Vh.mT
+        self.Ls = cholesky_jittered(S, _JITTER, inplace=True)
+
+    def select(self, keep: Tensor) -> "_Woodbury":
+        out = _Woodbury.__new__(_Woodbury)
+        out.Pm, out.f, out.Ls = self.Pm[keep], self.f[keep], self.Ls[keep]
+        out.V = None if self.V is None else self.V[keep]
+        return out
+
+    def _z(self, r: Tensor) -> Tensor:
+        """``Z_k r_k`` for ``r [B, m, n]``."""
+        out = r @ self.Pm
+        if self.V is not None:
+            out = out - _mv(self.V, _mv(self.V.mT, r))
+        return out
+
+    def solve(self, r: Tensor, re: Tensor | None) -> tuple[Tensor, Tensor]:
+        t = self._z(r) + (1 - self.f) * r
+        rhs = t.sum(1) if re is None else t.sum(1) - re
+        nu = torch.cholesky_solve(rhs[..., None], self.Ls, upper=True)[..., 0]
+        return t - self._z(nu[:, None, :].expand_as(r)), nu
+
+
 def _scale(K: Tensor) -> Tensor:
     kappa = K.diagonal(dim1=-2, dim2=-1).mean(-1)
     return torch.where(kappa > 1e-200, kappa, torch.ones_like(kappa))
 
 
 def _active_set(Kt: Tensor, P: Tensor, U: Tensor, tol: float) -> dict[str, Any]:
-    """Primal-dual active-set iterations; class-major ``P, U [B, m, n]``, scaled ``Kt``."""
+    """Primal-dual active-set iterations; class-major ``P, U [B, m, n]``, scaled ``Kt``.
+
+    The first iteration (nothing fixed) shares one factorisation ``(K + eps I)^-1`` across
+    classes; later iterations reuse it through :class:`_Woodbury` when ``K`` is well
+    conditioned (estimated from that Cholesky factor), else factorise with :class:`_Direct`.
+    """
     B, m, n = P.shape
     dev, dt = P.device, P.dtype
     out_x = torch.zeros_like(P)
     out_lam = torch.zeros_like(P)
     out_nu = P.new_zeros(B, n)
     out_f = torch.ones_like(P)
-    out_Hinv = P.new_zeros(B, m, n, n)
-    out_Ls = P.new_zeros(B, n, n)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
     ok = torch.zeros(B, dtype=torch.bool, device=dev)
+    groups: list[tuple[Tensor, _Direct | _Woodbury]] = []
+    # shared first factorisation
+    H0 = Kt.clone()
+    H0.diagonal(dim1=-2, dim2=-1).add_(_EPS_FREE)
+    U0 = cholesky_jittered(H0, _JITTER, inplace=True)
+    Pm = torch.cholesky_inverse(U0, upper=True)
+    d0 = U0.diagonal(dim1=-2, dim2=-1)
+    well = (d0.amin(-1) ** 2 * _WOODBURY_MAX_COND >= d0.amax(-1) ** 2)
     todo = torch.arange(B, device=dev)
     f = None  # start: nothing fixed
-    for it in range(_ACTIVE_SET_MAX_ITER):
-        K_, P_, U_ = Kt[todo], P[todo], U[todo]
+    for _ in range(_ACTIVE_SET_MAX_ITER):
+        full = todo.numel() == B
+        K_, P_, U_, Pm_ = (Kt, P, U, Pm) if full else (Kt[todo], P[todo], U[todo], Pm[todo])
         if f is None:
-            blocks = _Blocks(K_, m, None, _EPS_FREE)
+            blocks: _Direct | _Woodbury = _Woodbury(Pm, torch.ones_like(P))
             x, nu = blocks.solve(P_, None)
             lam = torch.zeros_like(x)
             fmat = torch.ones_like(x)
@@ -122,7 +200,14 @@ def _active_set(Kt: Tensor, P: Tensor, U: Tensor, tol: float) -> dict[str, Any]:
             fmat = f.to(dt)
             fixed = U_ * (1 - fmat)
             rhs = fmat * (P_ - fixed @ K_) + fixed
-            blocks = _Blocks(K_, m, fmat, _EPS_FREE)
+            # Woodbury pays off while few entries per class are fixed and K is well conditioned
+            w_ = (well if full else well[todo]) & ((1 - fmat).sum(-1).amax(-1) <= _WOODBURY_MAX_FIXED * n)
+            if bool(w_.all()):
+                blocks = _Woodbury(Pm_, fmat)
+            elif not bool(w_.any()):
+                blocks = _Direct(K_, m, fmat, _EPS_FREE)
+            else:  # mixed: factorise the two groups separately
+                blocks = _Mixed(w_, _Woodbury(Pm_[w_], fmat[w_]), _Direct(K_[~w_], m, fmat[~w_], _EPS_FREE))
             x, nu = blocks.solve(rhs, None)
             lam = (1 - fmat) * (P_ - x @ K_ - nu[:, None, :])
         score = lam + (x - U_)
@@ -134,12 +219,15 @@ def _active_set(Kt: Tensor, P: Tensor, U: Tensor, tol: float) -> dict[str, Any]:
             new_f = new_f | (pick & none_free[:, None, :])
         same = (new_f == (fmat > 0)).flatten(1).all(1)
         iters[todo] += 1
+        if bool(same.all()) and full:
+            out_x, out_lam, out_nu, out_f = x, lam, nu, fmat
+            groups.append((todo, blocks))
+            ok[:] = True
+            break
         if bool(same.any()):
             idx = todo[same]
             out_x[idx], out_lam[idx], out_nu[idx], out_f[idx] = x[same], lam[same], nu[same], fmat[same]
-            Hinv = blocks.Hinv[same]
-            out_Hinv[idx] = Hinv.expand(-1, m, -1, -1) if Hinv.shape[1] == 1 else Hinv
-            out_Ls[idx] = blocks.Ls[same]
+            groups.append((idx, blocks.select(same)))
             ok[idx] = True
         todo, f = todo[~same], new_f[~same]
         if todo.numel() == 0:
@@ -151,8 +239,25 @@ def _active_set(Kt: Tensor, P: Tensor, U: Tensor, tol: float) -> dict[str, Any]:
         bad = bad | ((out_x - U).amax((1, 2)) > tol * (1 + U.abs().amax((1, 2))))
         bad = bad | (out_lam.amin((1, 2)) < -tol)
         ok = ok & ~bad
-    return {"x": out_x, "lam": out_lam, "nu": out_nu, "f": out_f, "Hinv": out_Hinv, "Ls": out_Ls,
+    return {"x": out_x, "lam": out_lam, "nu": out_nu, "f": out_f, "groups": groups,
             "iterations": iters, "ok": ok}
+
+
+class _Mixed:
+    """Two factorisations side by side (rows ``sel`` use ``a``, the others ``b``)."""
+
+    def __init__(self, sel: Tensor, a: _Woodbury, b: _Direct) -> None:
+        self.sel, self.a, self.b = sel, a, b
+
+    def select(self, keep: Tensor) -> "_Mixed":
+        return _Mixed(self.sel[keep], self.a.select(keep[self.sel]), self.b.select(keep[~self.sel]))
+
+    def solve(self, r: Tensor, re: Tensor | None) -> tuple[Tensor, Tensor]:
+        x, nu = torch.empty_like(r), r.new_empty(r.shape[0], r.shape[-1])
+        for sel, blk in ((self.sel, self.a), (~self.sel, self.b)):
+            if bool(sel.any()):
+                x[sel], nu[sel] = blk.solve(r[sel], None if re is None else re[sel])
+        return x, nu
 
 
 def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float) -> dict[str, Any]:
@@ -161,7 +266,7 @@ def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float) -> dict[st
     dev = P.device
     # Initial point: (K + I) x_k + nu = P_k + U_k, sum_k x_k = 0  ->  x_k = (K + I)^-1 (r_k - mean r).
     r0 = P + U
-    init = _Blocks(Kt, m, None, 1.0)
+    init = _Direct(Kt, m, None, 1.0)
     x = _mv(init.Hinv, r0 - r0.mean(1, keepdim=True))
     nu = r0.mean(1)
     s = U - x
@@ -181,7 +286,7 @@ def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float) -> dict[st
         if bool(done.all()):
             break
         iters = iters + (~done).long()
-        blocks = _Blocks(Kt, m, ones, (lam / s).clamp(WEIGHT_MIN, WEIGHT_MAX))
+        blocks = _Direct(Kt, m, ones, (lam / s).clamp(WEIGHT_MIN, WEIGHT_MAX))
 
         def direction(rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             dx, dnu = blocks.solve(-rd - (rc + lam * rs) / s, -re)
@@ -215,11 +320,12 @@ def solve_cs_forward(K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol:
     if max_iter is None:
         sol = _active_set(Kt, Pc, Uc, tol)
         x, lam, nu, f = sol["x"], sol["lam"], sol["nu"], sol["f"]
-        Hinv, Ls = sol["Hinv"], sol["Ls"]
         iters, conv = sol["iterations"], sol["ok"].clone()
         w_ip = torch.zeros_like(x)
-        factored = sol["ok"].clone()
-        fb = (~sol["ok"]).nonzero()[:, 0]
+        # factorisations of the accepted active sets, reused by the backward pass
+        ok = sol["ok"]
+        groups = [(idx[ok[idx]], blk.select(ok[idx])) for idx, blk in sol["groups"] if bool(ok[idx].any())]
+        fb = (~ok).nonzero()[:, 0]
         if fb.numel() > 0:
             ip = _ipm(Kt[fb], Pc[fb], Uc[fb], _IPM_MAX_ITER, tol)
             x[fb], lam[fb], nu[fb], f[fb] = ip["x"], ip["lam"], ip["nu"], 1.0
@@ -232,8 +338,7 @@ def solve_cs_forward(K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol:
         f = torch.ones_like(x)
         w_ip = (ip["lam"] / ip["s"]).clamp(WEIGHT_MIN, WEIGHT_MAX)
         iters, conv = ip["iterations"], ip["converged"]
-        Hinv, Ls = None, None
-        factored = torch.zeros(B, dtype=torch.bool, device=P.device)
+        groups = []
     alpha = (x / kappa[:, None, None]).mT
     lam_s, nu_s = lam.mT, nu  # multipliers are scale-free (see module docstring of qp)
     rd = K @ alpha - P + lam_s + nu_s[..., None]
@@ -246,7 +351,7 @@ def solve_cs_forward(K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol:
     ], -1).amax(-1)
     return {"alpha": alpha, "lam": lam_s, "nu": nu_s, "residual": res, "iterations": iters,
             "converged": conv, "x": x, "kappa": kappa, "Kt": Kt, "f": f, "w_ip": w_ip,
-            "Hinv": Hinv, "Ls": Ls, "factored": factored}
+            "groups": groups}
 
 
 def solve_cs_adjoint(st: dict[str, Any], g_alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -265,16 +370,13 @@ def solve_cs_adjoint(st: dict[str, Any], g_alpha: Tensor) -> tuple[Tensor, Tenso
     g = g_alpha.mT / kappa[:, None, None]  # class-major, scaled: alpha = x / kappa
     d = torch.empty_like(x)
     dnu = x.new_empty(B, n)
-    fac = st["factored"]
-    for sel, use_stored in ((fac.nonzero()[:, 0], True), ((~fac).nonzero()[:, 0], False)):
-        if sel.numel() == 0:
-            continue
-        if use_stored:
-            blocks = _Blocks.__new__(_Blocks)
-            blocks.Hinv, blocks.Ls, blocks.f = st["Hinv"][sel], st["Ls"][sel], f[sel]
-        else:
-            fs = f[sel]
-            blocks = _Blocks(Kt[sel], m, fs, torch.where(fs > 0, w_ip[sel], torch.zeros_like(fs)))
+    stored = torch.zeros(B, dtype=torch.bool, device=x.device)
+    for sel, blocks in st["groups"]:  # active-set solutions: reuse the forward factorisation
+        d[sel], dnu[sel] = blocks.solve(-f[sel] * g[sel], None)
+        stored[sel] = True
+    sel = (~stored).nonzero()[:, 0]
+    if sel.numel() > 0:  # interior-point iterates: factorise with the barrier weights
+        blocks = _Direct(Kt[sel], m, f[sel], w_ip[sel])
         d[sel], dnu[sel] = blocks.solve(-f[sel] * g[sel], None)
     # multiplier sensitivities: fixed entries from stationarity, weighted entries from w * d
     dlam = (1 - f) * (-g - d @ Kt - dnu[:, None, :]) + f * w_ip * d
@@ -288,7 +390,7 @@ class CSDualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol: float) -> tuple[Tensor, ...]:
         st = solve_cs_forward(K, P, U, max_iter, tol)
-        ctx.state = {k: st[k] for k in ("x", "kappa", "Kt", "f", "w_ip", "Hinv", "Ls", "factored")}
+        ctx.state = {k: st[k] for k in ("x", "kappa", "Kt", "f", "w_ip", "groups")}
         outs = (st["alpha"], st["lam"], st["nu"], st["residual"], st["iterations"], st["converged"])
         ctx.mark_non_differentiable(*outs[1:])
         return outs

@@ -129,8 +129,13 @@ def ipm_dense(
     s = s + (1.0 - s.amin(-1, keepdim=True)).clamp_min(0)
     lam = lam + (1.0 - lam.amin(-1, keepdim=True)).clamp_min(0)
     pscale = 1.0 + torch.maximum(h.abs().amax(-1), b.abs().amax(-1) if k > 0 else h.new_zeros(B))
-    done = torch.zeros(B, dtype=torch.bool, device=p.device)
-    for _ in range(max_iter):
+    conv = torch.zeros(B, dtype=torch.bool, device=p.device)  # reached tol
+    final = torch.zeros(B, dtype=torch.bool, device=p.device)  # polished, or polishing given up
+    polished = torch.zeros(B, dtype=torch.bool, device=p.device)
+    act = torch.zeros_like(lam)
+    tol_cur = torch.full((B,), tol, dtype=p.dtype, device=p.device)
+    z_out, lam_out, nu_out, w_out = z.clone(), lam.clone(), nu.clone(), torch.ones_like(lam)
+    for _ in range(max_iter + 1):
         rd = (Qs @ z[..., None])[..., 0] + ps + (G.mT @ lam[..., None])[..., 0]
         if k > 0:
             rd = rd + (A.mT @ nu[..., None])[..., 0]
@@ -140,11 +145,31 @@ def ipm_dense(
         rp = (G @ z[..., None])[..., 0] + s - h
         mu = (s * lam).mean(-1)
         pres = rp.abs().amax(-1) if re is None else torch.maximum(rp.abs().amax(-1), re.abs().amax(-1))
-        res = torch.maximum(torch.maximum(pres / pscale, rd.abs().amax(-1)), mu)
-        done = done | (res <= tol)
-        if bool(done.all()):
+        res = torch.maximum(torch.maximum(pres / pscale, rd.abs().amax(-1)), (s * lam).amax(-1))
+        conv = conv | (res <= tol)
+        newly = (res <= tol_cur) & ~final
+        if bool(newly.any()):
+            # polish; where the active set is still ambiguous, iterate to a 100x tighter tolerance
+            i = newly.nonzero()[:, 0]
+            zp, lp, nup, actp, okp = _polish(Qs[i], ps[i], G[i], h[i], A[i], b[i], z[i], lam[i], nu[i], s[i], tol)
+            good, bad = i[okp], i[~okp]
+            z_out[good], lam_out[good], act[good] = zp[okp], lp[okp], actp[okp]
+            if k > 0:
+                nu_out[good] = nup[okp]
+            polished[good] = True
+            final[good] = True
+            tol_cur[bad] = tol_cur[bad] * 1e-2
+            give_up = bad[tol_cur[bad] < 1e-15]
+            final[give_up] = True
+        keep = ~final
+        z_out = torch.where(keep[:, None], z, z_out)
+        lam_out = torch.where(keep[:, None], lam, lam_out)
+        if k > 0:
+            nu_out = torch.where(keep[:, None], nu, nu_out)
+        w_out = torch.where(polished[:, None], w_out, (lam / s).clamp(WEIGHT_MIN, WEIGHT_MAX))
+        if bool(final.all()) or _ == max_iter:
             break
-        iters = iters + (~done).long()
+        iters = iters + keep.long()
         red = _Reduced(Qs, G, A, (lam / s).clamp(WEIGHT_MIN, WEIGHT_MAX))
 
         def direction(rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -153,25 +178,20 @@ def ipm_dense(
             ds = -rp - (G @ dz[..., None])[..., 0]
             return dz, ds, (rc - lam * ds) / s, dnu
 
-        dz, ds, dl, _ = direction(-s * lam)
+        dz, ds, dl, _d = direction(-s * lam)
         a = torch.minimum(step_to_boundary(s, ds, (-1,)), step_to_boundary(lam, dl, (-1,))).clamp(max=1.0)
         mu_aff = ((s + a[:, None] * ds) * (lam + a[:, None] * dl)).mean(-1)
         sigma_c = (mu_aff / mu.clamp_min(1e-300)).clamp(0.0, 1.0) ** 3
         dz, ds, dl, dnu = direction((sigma_c * mu)[:, None] - s * lam - ds * dl)
         a = (STEP_FRACTION * torch.minimum(step_to_boundary(s, ds, (-1,)), step_to_boundary(lam, dl, (-1,))))
-        a = torch.where(done, torch.zeros_like(a), a.clamp(max=1.0))
+        a = torch.where(keep, a.clamp(max=1.0), torch.zeros_like(a))
         z = z + a[:, None] * dz
         s = s + a[:, None] * ds
         lam = lam + a[:, None] * dl
         if dnu is not None:
             nu = nu + a[:, None] * dnu
-    w = (lam / s).clamp(WEIGHT_MIN, WEIGHT_MAX)
-    act = torch.zeros_like(lam)
-    polished = torch.zeros_like(done)
-    if bool(done.any()):
-        z, lam, nu, act, polished = _polish(Qs, ps, G, h, A, b, z, lam, nu, s, done, tol)
-    return {"z": z, "lam": lam * sig[:, None], "nu": nu * sig[:, None], "w": w, "active": act,
-            "polished": polished, "iterations": iters, "converged": done, "sigma": sig}
+    return {"z": z_out, "lam": lam_out * sig[:, None], "nu": nu_out * sig[:, None], "w": w_out, "active": act,
+            "polished": polished, "iterations": iters, "converged": conv, "sigma": sig}
 
 
 def _active_kkt(Qs: Tensor, G: Tensor, A: Tensor, act: Tensor) -> Tensor:
@@ -189,7 +209,7 @@ def _active_kkt(Qs: Tensor, G: Tensor, A: Tensor, act: Tensor) -> Tensor:
 
 
 def _polish(Qs: Tensor, ps: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, z: Tensor, lam: Tensor,
-            nu: Tensor, s: Tensor, done: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            nu: Tensor, s: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Active-set polishing of converged interior-point iterates (as in OSQP).
 
     Guesses the active set ``lam > s``, solves the equality-constrained KKT system exactly and
@@ -203,11 +223,9 @@ def _polish(Qs: Tensor, ps: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, 
     zp, lp, nup = sol[..., :n, 0], sol[..., n:n + m, 0], sol[..., n + m:, 0]
     resid = (M @ sol - rhs).abs().amax((-2, -1))
     scale = 1.0 + h.abs().amax(-1)
-    ok = done & (info == 0) & torch.isfinite(sol).all(-1).all(-1) & (resid <= tol * scale)
+    ok = (info == 0) & torch.isfinite(sol).all(-1).all(-1) & (resid <= tol * scale)
     ok = ok & (((G @ zp[..., None])[..., 0] - h).amax(-1) <= tol * scale) & (lp.amin(-1) >= -tol)
-    o1 = ok[:, None]
-    return (torch.where(o1, zp, z), torch.where(o1, lp.clamp_min(0), lam),
-            torch.where(o1, nup, nu) if k else nu, act, ok)
+    return zp, lp.clamp_min(0), nup, act, ok
 
 
 def adjoint_dense(st: dict[str, Tensor], gz: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

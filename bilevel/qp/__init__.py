@@ -18,6 +18,7 @@ on a copy rescaled to unit size.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -162,8 +163,19 @@ def solve_qp(
         Ae, be = torch.zeros(B, 0, n, dtype=WORK_DTYPE, device=dev), torch.zeros(B, 0, dtype=WORK_DTYPE, device=dev)
     it = max_iter if max_iter is not None else _DEFAULT_MAX_ITER
     z, _, _, res, iters, conv = DenseQPFunction.apply(Qe, pe, Ge, he, Ae, be, it, tol)
+    if max_iter is None and not bool(conv.all()):
+        _warn_not_converged("solve_qp", conv, res, "they may be infeasible or unbounded")
     z = z.to(out_dtype)
     return (z, QPInfo(res, iters, conv)) if return_info else z
+
+
+def _warn_not_converged(where: str, conv: Tensor, res: Tensor, why: str) -> None:
+    bad = (~conv).nonzero()[:, 0].tolist()
+    warnings.warn(
+        f"{where}: {len(bad)} problem(s) did not converge (batch indices {bad[:10]}, KKT residual up to "
+        f"{float(res[~conv].max()):.3g}); {why}",
+        stacklevel=3,
+    )
 
 
 def _expand(t: Tensor, B: int, core_dims: int) -> Tensor:
@@ -232,5 +244,8 @@ def solve_crammer_singer_dual(
     alpha, _, _, res, iters, conv = CSDualFunction.apply(
         gram.to(WORK_DTYPE), targets.to(WORK_DTYPE), upper.to(WORK_DTYPE), max_iter, tol
     )
+    if max_iter is None and not bool(conv.all()):
+        _warn_not_converged("solve_crammer_singer_dual", conv, res,
+                            "the Gram matrix is rank-deficient or badly rounded (the best iterate is returned)")
     alpha = alpha.to(gram.dtype)
     return (alpha, QPInfo(res, iters, conv)) if return_info else alpha

@@ -45,8 +45,9 @@ _EPS_FREE = 1e-12
 _JITTER = 1e-13
 #: Maximum number of active-set iterations before falling back to the interior-point method.
 _ACTIVE_SET_MAX_ITER = 15
-#: Interior-point iteration cap of the fallback.
+#: Interior-point iteration cap of the fallback, and iterations without progress before it stops.
 _IPM_MAX_ITER = 100
+_IPM_STALL = 10
 #: Largest estimated condition number of K for the Woodbury path of the active-set method.
 _WOODBURY_MAX_COND = 1e8
 #: Largest fraction of fixed entries per class for the Woodbury path (else direct factorisation).
@@ -220,14 +221,17 @@ def _active_set(Kt: Tensor, P: Tensor, U: Tensor, tol: float) -> dict[str, Any]:
         same = (new_f == (fmat > 0)).flatten(1).all(1)
         iters[todo] += 1
         if bool(same.all()) and full:
-            out_x, out_lam, out_nu, out_f = x, lam, nu, fmat
+            out_x, out_lam, out_nu = _refine(blocks, K_, P_, x, nu, fmat)
+            out_f = fmat
             groups.append((todo, blocks))
             ok[:] = True
             break
         if bool(same.any()):
             idx = todo[same]
-            out_x[idx], out_lam[idx], out_nu[idx], out_f[idx] = x[same], lam[same], nu[same], fmat[same]
-            groups.append((idx, blocks.select(same)))
+            blk = blocks.select(same)
+            xr, lr, nr = _refine(blk, K_[same], P_[same], x[same], nu[same], fmat[same])
+            out_x[idx], out_lam[idx], out_nu[idx], out_f[idx] = xr, lr, nr, fmat[same]
+            groups.append((idx, blk))
             ok[idx] = True
         todo, f = todo[~same], new_f[~same]
         if todo.numel() == 0:
@@ -241,6 +245,17 @@ def _active_set(Kt: Tensor, P: Tensor, U: Tensor, tol: float) -> dict[str, Any]:
         ok = ok & ~bad
     return {"x": out_x, "lam": out_lam, "nu": out_nu, "f": out_f, "groups": groups,
             "iterations": iters, "ok": ok}
+
+
+def _refine(blocks: Any, K: Tensor, P: Tensor, x: Tensor, nu: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of iterative refinement of an active-set solution (removes the ``eps`` bias).
+
+    Returns refined ``x, lam, nu``; ``lam`` (fixed entries only) from stationarity.
+    """
+    R = f * (P - x @ K - nu[:, None, :])
+    dx, dnu = blocks.solve(R, -x.sum(1))
+    x, nu = x + dx, nu + dnu
+    return x, (1 - f) * (P - x @ K - nu[:, None, :]), nu
 
 
 class _Mixed:
@@ -260,8 +275,13 @@ class _Mixed:
         return x, nu
 
 
-def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float) -> dict[str, Any]:
-    """Mehrotra predictor-corrector on the block structure; class-major ``[B, m, n]``."""
+def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float, return_best: bool = False) -> dict[str, Any]:
+    """Mehrotra predictor-corrector on the block structure; class-major ``[B, m, n]``.
+
+    Returns the last iterate (early stopping semantics, as qpth), or with ``return_best`` the
+    iterate of smallest KKT residual; stops early where ``_IPM_STALL`` iterations brought no
+    progress (degenerate problems whose residual is bounded by round-off).
+    """
     B, m, n = P.shape
     dev = P.device
     # Initial point: (K + I) x_k + nu = P_k + U_k, sum_k x_k = 0  ->  x_k = (K + I)^-1 (r_k - mean r).
@@ -275,6 +295,10 @@ def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float) -> dict[st
     lam = lam + (1.0 - lam.amin((1, 2), keepdim=True)).clamp_min(0)
     iters = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    best = torch.full((B,), float("inf"), dtype=P.dtype, device=dev)
+    best_mark = best.clone()
+    since_best = torch.zeros(B, dtype=torch.long, device=dev)
+    bx, bl, bs, bnu = x, lam, s, nu
     ones = torch.ones_like(P)
     for _ in range(max_iter):
         rd = x @ Kt - P + lam + nu[:, None, :]
@@ -283,13 +307,27 @@ def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float) -> dict[st
         mu = (s * lam).mean((1, 2))
         res = torch.stack([rd.abs().amax((1, 2)), re.abs().amax(1), rs.abs().amax((1, 2)), mu], -1).amax(-1)
         done = done | (res <= tol)
-        if bool(done.all()):
+        # keep the best iterate; stop where progress stalled (degenerate problems, round-off)
+        better = (res < best) & ~done
+        keep = better | (done & (res <= tol) & (best > tol))
+        best = torch.where(keep, res, best)
+        k3 = keep[:, None, None]
+        bx, bl, bs = torch.where(k3, x, bx), torch.where(k3, lam, bl), torch.where(k3, s, bs)
+        bnu = torch.where(keep[:, None], nu, bnu)
+        since_best = torch.where(res < 0.5 * best_mark, torch.zeros_like(since_best), since_best + 1)
+        best_mark = torch.where(res < 0.5 * best_mark, res, best_mark)
+        if bool((done | (since_best >= _IPM_STALL)).all()):
             break
         iters = iters + (~done).long()
-        blocks = _Direct(Kt, m, ones, (lam / s).clamp(WEIGHT_MIN, WEIGHT_MAX))
+        w = (lam / s).clamp(WEIGHT_MIN, WEIGHT_MAX)
+        blocks = _Direct(Kt, m, ones, w)
 
         def direction(rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            dx, dnu = blocks.solve(-rd - (rc + lam * rs) / s, -re)
+            g = -rd - (rc + lam * rs) / s
+            dx, dnu = blocks.solve(g, -re)
+            # one step of iterative refinement: the systems are ill-conditioned near the solution
+            ddx, ddnu = blocks.solve(g - dx @ Kt - w * dx - dnu[:, None, :], -re - dx.sum(1))
+            dx, dnu = dx + ddx, dnu + ddnu
             ds = -rs - dx
             return dx, ds, (rc - lam * ds) / s, dnu
 
@@ -303,7 +341,9 @@ def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float) -> dict[st
         a = torch.where(done, torch.zeros_like(a), a.clamp(max=1.0))
         a3 = a[:, None, None]
         x, s, lam, nu = x + a3 * dx, s + a3 * ds, lam + a3 * dl, nu + a[:, None] * dnu
-    return {"x": x, "lam": lam, "nu": nu, "s": s, "iterations": iters, "converged": done}
+    if not return_best:
+        return {"x": x, "lam": lam, "nu": nu, "s": s, "iterations": iters, "converged": done}
+    return {"x": bx, "lam": bl, "nu": bnu, "s": bs, "iterations": iters, "converged": done}
 
 
 def solve_cs_forward(K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol: float) -> dict[str, Any]:
@@ -327,7 +367,7 @@ def solve_cs_forward(K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol:
         groups = [(idx[ok[idx]], blk.select(ok[idx])) for idx, blk in sol["groups"] if bool(ok[idx].any())]
         fb = (~ok).nonzero()[:, 0]
         if fb.numel() > 0:
-            ip = _ipm(Kt[fb], Pc[fb], Uc[fb], _IPM_MAX_ITER, tol)
+            ip = _ipm(Kt[fb], Pc[fb], Uc[fb], _IPM_MAX_ITER, tol, return_best=True)
             x[fb], lam[fb], nu[fb], f[fb] = ip["x"], ip["lam"], ip["nu"], 1.0
             w_ip[fb] = (ip["lam"] / ip["s"]).clamp(WEIGHT_MIN, WEIGHT_MAX)
             iters[fb] += ip["iterations"]

@@ -63,17 +63,43 @@ def metaoptnet_qpth_logits(query: torch.Tensor, support: torch.Tensor, ys: torch
     return (query @ support.mT) @ sol.reshape(b, n, way)
 
 
-def fwd_bwd(fn: Callable[[], torch.Tensor], yq: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> float:
-    """Seconds of one forward + backward of the query cross-entropy."""
+CLOCK: Callable[[], float] = time.process_time
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], yq: torch.Tensor | None, tensors: tuple[torch.Tensor, ...]) -> float:
+    """Seconds of one forward + backward (query cross-entropy, or ``sum`` when ``yq`` is None)."""
     for t in tensors:
         t.grad = None
-    t0 = time.perf_counter()
-    logits = fn()
-    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yq.reshape(-1)).backward()
-    return time.perf_counter() - t0
+    t0 = CLOCK()
+    out = fn()
+    loss = out.sum() if yq is None else F.cross_entropy(out.reshape(-1, out.shape[-1]), yq.reshape(-1))
+    loss.backward()
+    return CLOCK() - t0
 
 
-def timed_interleaved(fns: dict[str, Callable[[], torch.Tensor]], yq: torch.Tensor,
+def solver_only(way: int, K: torch.Tensor, ys: torch.Tensor, R: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """The QP solve alone (Gram given): our structured solver vs MetaOptNet's qpth call."""
+    from qpth.qp import QPFunction
+
+    Y = F.one_hot(ys, way).float()
+    b, n = ys.shape
+
+    def native() -> torch.Tensor:
+        return solve_crammer_singer_dual(K, Y, C_SVM * Y) * R
+
+    def reference() -> torch.Tensor:
+        Qm = (K[:, :, None, :, None] * torch.eye(way)[None, None, :, None, :]).reshape(b, n * way, n * way)
+        Qm = Qm + torch.eye(n * way)
+        G = torch.eye(n * way).expand(b, -1, -1)
+        A = torch.kron(torch.eye(n), torch.ones(1, way)).expand(b, -1, -1)
+        Yf = Y.reshape(b, n * way)
+        z = QPFunction(verbose=-1, maxIter=15)(Qm, -Yf, G, C_SVM * Yf, A, torch.zeros(b, n))
+        return z.reshape(b, n, way) * R
+
+    return {"solver: native": native, "solver: qpth ref": reference}
+
+
+def timed_interleaved(fns: dict[str, Callable[[], torch.Tensor]], yq: torch.Tensor | None,
                       tensors: tuple[torch.Tensor, ...], repeats: int,
                       budget_s: float) -> tuple[dict[str, float], dict[str, str]]:
     """Median seconds per method; methods are interleaved so that machine load hits all alike.
@@ -136,13 +162,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--budget", type=float, default=60.0,
                     help="seconds of timed runs per method and episode size (caps slow peers' repeats)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="process CPU time (default; robust to other jobs on a shared machine) or wall time")
     ap.add_argument("--quick", action="store_true", help="5w5s only, 5 repeats")
+    ap.add_argument("--only", default="", help="comma-separated episode sizes, e.g. 5w1s,5w15s")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, B={B}, d={D}, "
-          f"{QUERY_PER_CLASS} queries/class, float32 embeddings, C={C_SVM}, lam={LAM}")
+    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, clock: {args.clock}, B={B}, d={D}, "
+          f"{QUERY_PER_CLASS} queries/class, float32 embeddings, C={C_SVM}, lam={LAM}; median of "
+          f"{5 if args.quick else args.repeats} interleaved runs, ms per episode = batch time / {B}")
     configs = [(5, 5)] if args.quick else CONFIGS
+    if args.only:
+        configs = [c for c in CONFIGS if f"{c[0]}w{c[1]}s" in args.only.split(",")]
     repeats = 5 if args.quick else args.repeats
     methods: dict[str, Callable[..., torch.Tensor]] = {
         "SVM-CS native": lambda q, s, y, w: svm_cs_head(q, s, y, w, C=C_SVM),
@@ -164,8 +198,8 @@ def main() -> None:
                if not (name == "SVM-CS generic QP" and way * shot * way > GENERIC_MAX_VARS)}
         secs, errors = timed_interleaved(fns, yq, (S, Q), repeats, budget_s=args.budget)
         ms = {k: v / B * 1e3 for k, v in secs.items()}
+        tag = f"{way}w{shot}s"
         for name in methods:
-            tag = f"{way}w{shot}s"
             if name not in fns:
                 print(f"{tag:8s} {name:18s} {'-':>11s} {'-':>13s}  skipped: n*K={way * shot * way} > {GENERIC_MAX_VARS} (dense)")
             elif name in errors:
@@ -175,6 +209,15 @@ def main() -> None:
                 rs = f"{r:13.2e}" if r is not None else f"{'-':>13s}"
                 note = "residual run failed" if name + " error" in res else ""
                 print(f"{tag:8s} {name:18s} {ms[name]:11.3f} {rs}  {note}")
+        K = (S @ S.mT).detach().requires_grad_()
+        R = torch.randn(ys.shape + (way,), generator=torch.Generator().manual_seed(0))
+        ssecs, serr = timed_interleaved(solver_only(way, K, ys, R), None, (K,), repeats, budget_s=args.budget)
+        sms = {k: v / B * 1e3 for k, v in ssecs.items()}
+        for name in ("solver: native", "solver: qpth ref"):
+            val = f"{sms[name]:11.3f}" if name in sms else f"{'fails':>11s}"
+            print(f"{tag:8s} {name:18s} {val} {'-':>13s}  Gram given (QP solve + implicit backward)")
+        if len(sms) == 2:
+            print(f"{'':8s} ratio solver: qpth ref / native: {sms['solver: qpth ref'] / sms['solver: native']:.2f}x")
         nat = ms.get("SVM-CS native")
         if nat:
             for peer in ("qpth reference", "SVM-CS qpth"):

@@ -242,7 +242,7 @@ def solve_crammer_singer_dual(
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     alpha, _, _, res, iters, conv = CSDualFunction.apply(
-        gram.to(WORK_DTYPE), targets.to(WORK_DTYPE), upper.to(WORK_DTYPE), max_iter, tol
+        gram.to(WORK_DTYPE), targets.to(WORK_DTYPE), upper.to(WORK_DTYPE), max_iter, tol, return_info
     )
     if max_iter is None and not bool(conv.all()):
         _warn_not_converged("solve_crammer_singer_dual", conv, res,

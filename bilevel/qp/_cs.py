@@ -13,8 +13,10 @@ complement for the equality constraints, instead of one factorisation of an ``nm
 
 Forward (float64, on a copy scaled so that ``mean(diag K) = 1``):
   1. Primal-dual active-set method (Hintermueller, Ito & Kunisch 2002), started from "no bound
-     active" (its first system shares one factorisation across classes). When the active set
-     repeats, the iterate satisfies the KKT conditions exactly (up to round-off); this is checked.
+     active" (its first system shares one factorisation ``(K + eps I)^-1`` across classes; later
+     systems reuse it by Woodbury when ``K`` is well conditioned). When the active set repeats,
+     the iterate satisfies the KKT conditions exactly; one step of iterative refinement removes
+     the ``eps`` bias and the KKT conditions are checked.
   2. Problems where that fails (rank-deficient ``K`` with many ties, cycling) fall back to a
      Mehrotra interior-point method on the same block structure, which never fails on PSD ``K``.
   With ``max_iter`` given, only the interior-point method runs, for at most ``max_iter``
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._common import (
     STEP_FRACTION,
@@ -41,7 +44,7 @@ from ._common import (
 
 #: Tikhonov term on free variables of the active-set systems (scaled units, diag(K) ~ 1).
 _EPS_FREE = 1e-12
-#: Cholesky jitter (relative to the largest diagonal entry).
+#: Initial Cholesky jitter (absolute, scaled units).
 _JITTER = 1e-13
 #: Maximum number of active-set iterations before falling back to the interior-point method.
 _ACTIVE_SET_MAX_ITER = 15
@@ -116,14 +119,17 @@ class _Woodbury:
     well conditioned; cost ``O(m (n a^2 + a^3) + m n^2 a)`` with ``a`` fixed entries per class.
     """
 
-    def __init__(self, Pm: Tensor, f: Tensor) -> None:
+    def __init__(self, Pm: Tensor, f: Tensor, H: Tensor | None = None) -> None:
         B, m, n = f.shape
-        self.Pm, self.f = Pm, f
+        self.Pm, self.f, self.H = Pm, f, None
         fixed = f == 0
         counts = fixed.sum(-1)  # [B, m]
         a = int(counts.max()) if counts.numel() else 0
         if a == 0:
             self.V = None
+            if H is not None:  # S = m Pm = m H^-1: no factorisation needed
+                self.H, self.Ls = H, None
+                return
             S = m * Pm
         else:
             idx = torch.argsort(fixed.to(torch.int8), dim=-1, descending=True, stable=True)[..., :a]  # [B, m, a]
@@ -141,7 +147,9 @@ class _Woodbury:
 
     def select(self, keep: Tensor) -> "_Woodbury":
         out = _Woodbury.__new__(_Woodbury)
-        out.Pm, out.f, out.Ls = self.Pm[keep], self.f[keep], self.Ls[keep]
+        out.Pm, out.f = self.Pm[keep], self.f[keep]
+        out.Ls = None if self.Ls is None else self.Ls[keep]
+        out.H = None if self.H is None else self.H[keep]
         out.V = None if self.V is None else self.V[keep]
         return out
 
@@ -155,7 +163,10 @@ class _Woodbury:
     def solve(self, r: Tensor, re: Tensor | None) -> tuple[Tensor, Tensor]:
         t = self._z(r) + (1 - self.f) * r
         rhs = t.sum(1) if re is None else t.sum(1) - re
-        nu = torch.cholesky_solve(rhs[..., None], self.Ls, upper=True)[..., 0]
+        if self.Ls is None:  # nothing fixed: S^-1 = H / m
+            nu = (rhs[:, None, :] @ self.H)[:, 0] / self.f.shape[1]
+        else:
+            nu = torch.cholesky_solve(rhs[..., None], self.Ls, upper=True)[..., 0]
         return t - self._z(nu[:, None, :].expand_as(r)), nu
 
 
@@ -193,7 +204,7 @@ def _active_set(Kt: Tensor, P: Tensor, U: Tensor, tol: float) -> dict[str, Any]:
         full = todo.numel() == B
         K_, P_, U_, Pm_ = (Kt, P, U, Pm) if full else (Kt[todo], P[todo], U[todo], Pm[todo])
         if f is None:
-            blocks: _Direct | _Woodbury = _Woodbury(Pm, torch.ones_like(P))
+            blocks: _Direct | _Woodbury = _Woodbury(Pm, torch.ones_like(P), H0)
             x, nu = blocks.solve(P_, None)
             lam = torch.zeros_like(x)
             fmat = torch.ones_like(x)
@@ -346,7 +357,8 @@ def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float, return_bes
     return {"x": bx, "lam": bl, "nu": bnu, "s": bs, "iterations": iters, "converged": done}
 
 
-def solve_cs_forward(K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol: float) -> dict[str, Any]:
+def solve_cs_forward(K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol: float,
+                     want_residual: bool = True) -> dict[str, Any]:
     """Solve the structured dual. ``K [B, n, n]``, ``P, U [B, n, m]`` float64 (sample-major).
 
     Returns a dict with ``alpha`` [B, n, m], ``lam`` [B, n, m], ``nu`` [B, n] (original units),
@@ -381,17 +393,25 @@ def solve_cs_forward(K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol:
         groups = []
     alpha = (x / kappa[:, None, None]).mT
     lam_s, nu_s = lam.mT, nu  # multipliers are scale-free (see module docstring of qp)
+    if not (want_residual or not bool(conv.all())):
+        res = torch.full((B,), float("nan"), dtype=K.dtype, device=K.device)
+    else:
+        res = _residual(K, P, U, alpha, lam_s, nu_s)
+    return {"alpha": alpha, "lam": lam_s, "nu": nu_s, "residual": res, "iterations": iters,
+            "converged": conv, "x": x, "kappa": kappa, "Kt": Kt, "f": f, "w_ip": w_ip,
+            "groups": groups}
+
+
+def _residual(K: Tensor, P: Tensor, U: Tensor, alpha: Tensor, lam_s: Tensor, nu_s: Tensor) -> Tensor:
+    """KKT residual of the structured dual in original units (same map as ``kkt_residual``)."""
     rd = K @ alpha - P + lam_s + nu_s[..., None]
-    res = torch.stack([
+    return torch.stack([
         rd.abs().amax((1, 2)),
         alpha.sum(-1).abs().amax(-1),
         (alpha - U).clamp_min(0).amax((1, 2)),
         (lam_s * (U - alpha)).abs().amax((1, 2)),
         (-lam_s).clamp_min(0).amax((1, 2)),
     ], -1).amax(-1)
-    return {"alpha": alpha, "lam": lam_s, "nu": nu_s, "residual": res, "iterations": iters,
-            "converged": conv, "x": x, "kappa": kappa, "Kt": Kt, "f": f, "w_ip": w_ip,
-            "groups": groups}
 
 
 def solve_cs_adjoint(st: dict[str, Any], g_alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -428,14 +448,16 @@ class CSDualFunction(torch.autograd.Function):
     """Autograd wrapper: ``(K, P, U) -> (alpha, lam, nu, residual, iterations, converged)``."""
 
     @staticmethod
-    def forward(ctx: Any, K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol: float) -> tuple[Tensor, ...]:
-        st = solve_cs_forward(K, P, U, max_iter, tol)
+    def forward(ctx: Any, K: Tensor, P: Tensor, U: Tensor, max_iter: int | None, tol: float,
+                want_residual: bool) -> tuple[Tensor, ...]:
+        st = solve_cs_forward(K, P, U, max_iter, tol, want_residual)
         ctx.state = {k: st[k] for k in ("x", "kappa", "Kt", "f", "w_ip", "groups")}
         outs = (st["alpha"], st["lam"], st["nu"], st["residual"], st["iterations"], st["converged"])
         ctx.mark_non_differentiable(*outs[1:])
         return outs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, g_alpha: Tensor, *unused: Any) -> tuple[Tensor | None, ...]:
         dK, dP, dU = solve_cs_adjoint(ctx.state, g_alpha)
-        return dK, dP, dU, None, None
+        return dK, dP, dU, None, None, None

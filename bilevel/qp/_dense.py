@@ -7,8 +7,13 @@ Problem (one per batch entry)::
 Forward: Mehrotra predictor-corrector (as in OptNet/qpth, Amos & Kolter 2017), solved in float64
 on a copy whose objective is scaled to unit size. The Newton systems are reduced to
 ``Q + G^T diag(lam/s) G`` (Cholesky with a growing jitter, so singular PSD ``Q`` never fails) and
-the Schur complement of the equality constraints. Backward: the adjoint of the differentiated KKT
-conditions (eq. 8 of MetaOptNet; OptNet eq. 7-8) with the same reduced systems.
+the Schur complement of the equality constraints. Converged iterates are *polished* (as in OSQP):
+the guessed active set's equality-constrained KKT system is solved exactly and kept when feasible,
+otherwise the interior-point method continues to a 100x tighter tolerance and polishes again.
+
+Backward: the adjoint of the differentiated KKT conditions (eq. 8 of MetaOptNet; OptNet eq. 7-8):
+on the active set for polished solutions (exact derivative), with the barrier weights ``lam / s``
+for interior-point iterates (early stopping; the OptNet/qpth convention).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._common import (
     STEP_FRACTION,
@@ -286,6 +292,7 @@ class DenseQPFunction(torch.autograd.Function):
         return out["z"], out["lam"], out["nu"], res, out["iterations"], out["converged"]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, gz: Tensor, *unused: Any) -> tuple[Tensor | None, ...]:
         grads = adjoint_dense(ctx.state, gz)
         return (*grads, None, None)

@@ -288,9 +288,17 @@ def proto_head(
     """
     Y = _check_episode(query, support, support_labels, n_way)
     protos = (Y.mT @ support) / Y.sum(1)[..., None]  # [B, n_way, d]
-    sq = (query * query).sum(-1, keepdim=True) - 2 * query @ protos.mT + (protos * protos).sum(-1)[:, None, :]
-    logits = -sq
+    sq = torch.linalg.vecdot(query, query)[..., None] - 2 * query @ protos.mT
+    logits = -(sq + torch.linalg.vecdot(protos, protos)[:, None, :])
     return logits / query.shape[-1] if normalize else logits
+
+
+def _box_qp(Q: Tensor, C: float | Tensor, solver: str, max_iter: int | None) -> Tensor:
+    """``argmin 1/2 z'Qz - sum z`` s.t. ``0 <= z <= C`` (the binary-SVM-type duals of He and WW)."""
+    nv = Q.shape[-1]
+    eye = torch.eye(nv, dtype=Q.dtype, device=Q.device)
+    h = torch.cat([C * torch.ones(nv, dtype=Q.dtype, device=Q.device), Q.new_zeros(nv)], 0)
+    return solve_qp(Q, -Q.new_ones(nv), torch.cat([eye, -eye], 0), h, backend=solver, max_iter=max_iter)
 
 
 def svm_he_head(
@@ -324,10 +332,7 @@ def svm_he_head(
     B, n, m = Y.shape
     V = (m * Y - 1) / (m - 1)
     Q = _gram(support) * (V @ V.mT)
-    eye = torch.eye(n, dtype=Q.dtype, device=Q.device)
-    G = torch.cat([eye, -eye], 0)
-    h = torch.cat([(C * torch.ones(n, dtype=Q.dtype, device=Q.device)), Q.new_zeros(n)], 0)
-    a = solve_qp(Q, -Q.new_ones(n), G, h, backend=solver, max_iter=max_iter)
+    a = _box_qp(Q, C, solver, max_iter)
     return _score(query, support, a[..., None] * V)
 
 
@@ -368,11 +373,7 @@ def svm_ww_head(
         Tfull[:, i * m:(i + 1) * m, i * m:(i + 1) * m] = T[:, i]
     Tr = Tfull.gather(2, keep[:, None, :].expand(B, n * m, n * (m - 1)))  # [B, nm, n(m-1)]
     Q = Tr.mT @ _kron_eye(_gram(support), m) @ Tr
-    nv = n * (m - 1)
-    eye = torch.eye(nv, dtype=Q.dtype, device=Q.device)
-    G = torch.cat([eye, -eye], 0)
-    h = torch.cat([C * torch.ones(nv, dtype=Q.dtype, device=Q.device), Q.new_zeros(nv)], 0)
-    beta = solve_qp(Q, -Q.new_ones(nv), G, h, backend=solver, max_iter=max_iter)
+    beta = _box_qp(Q, C, solver, max_iter)
     alpha = (Tr @ beta[..., None])[..., 0].reshape(B, n, m)
     return _score(query, support, alpha)
 

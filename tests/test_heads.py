@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from heads_helpers import one_thread  # noqa: F401  (autouse fixture)
 from sklearn.svm import LinearSVC
 
 from bilevel.qp import solve_crammer_singer_dual
@@ -30,16 +31,6 @@ HEADS = {
     "svm_he": svm_he_head,
     "svm_ww": svm_ww_head,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: OpenMP threads only spin on shared CI cores (10x slowdowns)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def episode(gen: torch.Generator, dtype: torch.dtype, B: int, way: int, shot: int, d: int,

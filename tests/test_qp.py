@@ -4,18 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from heads_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from bilevel.qp import QPInfo, kkt_residual, solve_crammer_singer_dual, solve_qp
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: OpenMP threads only spin on shared CI cores (10x slowdowns)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def random_qp(gen: torch.Generator, dtype: torch.dtype, B: int = 3, n: int = 6, m: int = 5, k: int = 2,

@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 import warnings
@@ -159,6 +160,19 @@ def residuals(S: torch.Tensor, ys: torch.Tensor, way: int) -> dict[str, float]:
     return out
 
 
+def steady_malloc() -> bool:
+    """Raise glibc's mmap/trim thresholds so freed large tensors are reused, not re-faulted.
+
+    Without it, every fresh multi-megabyte temporary is mmapped and page-faulted, and timings
+    depend on heap history (the same ProtoNet step measured 0.47 or 0.85 ms/episode).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # MMAP_, TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def main() -> None:
     global CLOCK, QUERY_PER_CLASS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,7 +190,8 @@ def main() -> None:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, clock: {args.clock}, B={B}, d={D}, "
+    malloc_note = "steady malloc" if steady_malloc() else "default malloc"
+    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, clock: {args.clock}, {malloc_note}, B={B}, d={D}, "
           f"{QUERY_PER_CLASS} queries/class, float32 embeddings, C={C_SVM}, lam={LAM}; median of "
           f"{5 if args.quick else args.repeats} interleaved runs, ms per episode = batch time / {B}")
     configs = [(5, 5)] if args.quick else CONFIGS

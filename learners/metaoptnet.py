@@ -39,7 +39,8 @@ __all__ = [
 
 # ======================================================================================
 # Heads (issue "heads"): differentiable convex base learners. Self-contained block; the
-# MetaOptNet learner (backbone + head + scale) lives below it.
+# MetaOptNet learner (backbone + head + learnable scale + training loop) goes after the
+# end of this block.
 # ======================================================================================
 
 Solver = Literal["native", "qp", "qpth"]
@@ -417,3 +418,8 @@ def smoothed_cross_entropy(logits: Tensor, labels: Tensor, eps: float = 0.1) -> 
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
     target = smooth_labels(labels, logits.shape[-1], eps).to(logits.dtype)
     return -(target * F.log_softmax(logits, -1)).sum(-1).mean()
+
+
+# ======================================================================================
+# End of the heads block.
+# ======================================================================================

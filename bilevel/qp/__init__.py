@@ -7,14 +7,22 @@
 and differentiates ``z*`` by the implicit function theorem on the KKT conditions (Amos & Kolter
 2017, "OptNet"; Barratt 2018; MetaOptNet, Lee et al. 2019, eq. 5-8). The native backend is a
 float64 Mehrotra interior-point method whose Newton systems are regularised Cholesky
-factorisations, so PSD and singular ``Q`` (duplicated points, all-zero features) never fail.
+factorisations, so PSD and singular ``Q`` (duplicated points, all-zero features) never fail;
+converged iterates are polished on their active set, so solutions and gradients are exact to
+round-off. ``backend="qpth"`` runs the same problem on qpth (optional dependency).
 
 ``solve_crammer_singer_dual`` is the structured solver for MetaOptNet's SVM dual (eq. 10), whose
 Hessian ``kron(K, I)`` is block-diagonal per class; it is exact (active-set method) and much
 faster than the generic layer on that problem, with the same implicit backward pass.
 
+Example::
+
+    z, info = solve_qp(Q, p, G, h, A, b, return_info=True)   # z [B, n]; info.residual [B]
+    z.sum().backward()                                       # dL/dQ, dL/dp, dL/dG, ... (KKT)
+    z3 = solve_qp(Q, p, G, h, A, b, max_iter=3)               # MetaOptNet's early stopping
+
 Scaling note: multipliers are reported for the problem as given; the solvers work internally
-on a copy rescaled to unit size.
+on a copy rescaled to unit size. ``Q`` is symmetrised as ``(Q + Q^T) / 2``.
 """
 from __future__ import annotations
 

@@ -77,3 +77,10 @@ from bilevel import hpo  # noqa: E402
 
 __all__ += ["hpo"]
 # --- end hpo ---
+
+# --- heads: batched differentiable QP layer (issue "heads"; see bilevel.qp) ---
+from bilevel import qp  # noqa: E402
+from bilevel.qp import QPInfo, solve_qp  # noqa: E402
+
+__all__ += ["QPInfo", "qp", "solve_qp"]
+# --- end heads ---

@@ -25,3 +25,25 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(fn: Callable[[], Any]) -> float:
+    """Growth of the resident set's peak while ``fn()`` runs, in MB.
+
+    Resets the kernel's high-water mark first (``/proc/self/clear_refs`` ← 5, Linux), so the
+    figure is the peak during ``fn`` above the memory held before it. (``ru_maxrss`` cannot be
+    used in a child process: Linux carries the parent's peak over ``execve``.)
+    """
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return max(0, _status_kb("VmHWM") - before) / 1024.0

@@ -6,7 +6,8 @@ gradient descent on n training examples; the outer loss is the validation cross-
 Synthetic Gaussian data (the cost does not depend on the values).
 
 Each (strategy, T) runs in a fresh subprocess; "peak MB" is the growth of the process's peak
-resident set size (ru_maxrss) during solve + backward, above the level reached after setup.
+resident set during solve + backward above the memory held before (kernel high-water mark
+reset through /proc/self/clear_refs).
 
     python benchmarks/hypergrad_cost.py                 # T in {10, 100, 1000}
     python benchmarks/hypergrad_cost.py --steps 10 100  # a subset
@@ -15,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import bilevel as bl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_memory_mb  # noqa: E402
 
 STRATEGIES = {
     "Reverse()": lambda: bl.Reverse(),
@@ -32,10 +36,6 @@ STRATEGIES = {
     "Forward()": lambda: bl.Forward(),
     "Implicit(CG(20))": lambda: bl.Implicit(bl.CG(maxiter=20)),
 }
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_one(name: str, steps: int, n: int, threads: int) -> dict:
@@ -61,12 +61,17 @@ def run_one(name: str, steps: int, n: int, threads: int) -> dict:
     w = bl.solve(problem, params0, {"log_l2": log_l2}, (x_tr[:4], y_tr[:4]), dynamics=dyn, steps=10, hypergrad=STRATEGIES[name]())
     torch.autograd.grad(problem.outer_loss(w, {}, (x_va[:4], y_va[:4])), log_l2)
     del w
-    base = _maxrss_mb()
-    t0 = time.perf_counter()
-    w = bl.solve(problem, params0, {"log_l2": log_l2}, (x_tr, y_tr), dynamics=dyn, steps=steps, hypergrad=STRATEGIES[name]())
-    (hg,) = torch.autograd.grad(problem.outer_loss(w, {}, (x_va, y_va)), log_l2)
-    seconds = time.perf_counter() - t0
-    return {"strategy": name, "T": steps, "seconds": seconds, "peak_mb": _maxrss_mb() - base, "hg_norm": float(hg.norm())}
+    out: dict = {}
+
+    def step() -> None:
+        t0 = time.perf_counter()
+        w = bl.solve(problem, params0, {"log_l2": log_l2}, (x_tr, y_tr), dynamics=dyn, steps=steps, hypergrad=STRATEGIES[name]())
+        (hg,) = torch.autograd.grad(problem.outer_loss(w, {}, (x_va, y_va)), log_l2)
+        out["seconds"] = time.perf_counter() - t0
+        out["hg_norm"] = float(hg.norm())
+
+    peak = peak_memory_mb(step)
+    return {"strategy": name, "T": steps, "seconds": out["seconds"], "peak_mb": peak, "hg_norm": out["hg_norm"]}
 
 
 def main() -> None:

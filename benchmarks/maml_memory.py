@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.maml import MAML  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_memory_mb  # noqa: E402
 
 
 def strategies(steps: int) -> dict[str, str]:
@@ -41,14 +44,17 @@ def run_one(hypergrad: str, steps: int, episode_file: str, threads: int) -> dict
     small = type(ep)(*(t[:1] for t in ep))
     loss, _ = learner.meta_loss(small)  # warm-up: kernels and autograd threads before the baseline
     torch.autograd.grad(loss, list(learner.parameters()))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    loss, _ = learner.meta_loss(ep)
-    grads = torch.autograd.grad(loss, list(learner.parameters()))
-    seconds = time.perf_counter() - t0
-    norm = float(sum((g.double() ** 2).sum() for g in grads) ** 0.5)
-    return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0, "seconds": seconds,
-            "grad_norm": norm}
+    out: dict[str, Any] = {}
+
+    def step() -> None:
+        t0 = time.perf_counter()
+        loss, _ = learner.meta_loss(ep)
+        grads = torch.autograd.grad(loss, list(learner.parameters()))
+        out["seconds"] = time.perf_counter() - t0
+        out["grad_norm"] = float(sum((g.double() ** 2).sum() for g in grads) ** 0.5)
+
+    out["peak_mb"] = peak_memory_mb(step)
+    return out
 
 
 def main() -> None:

@@ -11,14 +11,13 @@ before it reports any time.
     python benchmarks/maml_vs_peers.py --configs 5w1s        # the headline only
 
 Time: median over --repeats meta-iterations (forward + backward), implementations
-interleaved. Peak memory: growth of the peak resident set during one meta-iteration, each
-implementation in a fresh subprocess.
+interleaved. Peak memory: growth of the peak resident set during one meta-iteration (after a one-task
+warm-up), each implementation in a fresh subprocess.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,9 +29,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, rel_err  # noqa: E402
+from _common import interleaved_medians, peak_memory_mb, rel_err  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
+from bilevel.parallel import TaskThreads  # noqa: E402
 from learners.maml import MAML  # noqa: E402
 
 CONFIGS = {
@@ -59,9 +59,15 @@ def build(cfg: dict) -> MAML:
                 hypergrad="reverse" if cfg["order"] == "second" else "first-order")
 
 
-def step_bilevel(learner: MAML, ep) -> list[torch.Tensor]:
-    loss, _ = learner.meta_loss(ep)
-    return list(torch.autograd.grad(loss, list(learner.parameters())))
+def step_bilevel(learner: MAML, ep, workers: int = 1) -> list[torch.Tensor]:
+    """bilevel's MAML; with ``workers`` > 1 the episodes are split over CPU threads
+    (:class:`bilevel.parallel.TaskThreads`, one intra-op thread each)."""
+    if workers == 1:
+        loss, _ = learner.meta_loss(ep)
+        return list(torch.autograd.grad(loss, list(learner.parameters())))
+    if getattr(learner, "_bench_threads", None) is None:
+        learner._bench_threads = TaskThreads(learner, workers)
+    return learner._bench_threads.meta_gradient(ep)[2]
 
 
 def step_higher(learner: MAML, ep, cfg: dict) -> list[torch.Tensor]:
@@ -100,12 +106,23 @@ def step_torchopt(learner: MAML, ep, cfg: dict) -> list[torch.Tensor]:
     return list(torch.autograd.grad(total / ep.support_x.shape[0], list(params0.values())))
 
 
-def implementations(cfg: dict):
-    return {
-        "bilevel": lambda l, e: step_bilevel(l, e),
-        "higher": lambda l, e: step_higher(l, e, cfg),
-        "torchopt": lambda l, e: step_torchopt(l, e, cfg),
+def implementations(cfg: dict, threads: int = 1):
+    """name -> step(learner, episodes); each sets the torch thread count it runs with: the peers
+    use ``threads`` intra-op threads, bilevel splits the tasks over ``threads`` CPU threads."""
+    def with_threads(n: int, fn):
+        def run(learner, ep):
+            torch.set_num_threads(n)
+            return fn(learner, ep)
+        return run
+
+    impls = {
+        "bilevel": with_threads(1, lambda l, e: step_bilevel(l, e, threads)),
+        "higher": with_threads(threads, lambda l, e: step_higher(l, e, cfg)),
+        "torchopt": with_threads(threads, lambda l, e: step_torchopt(l, e, cfg)),
     }
+    if threads > 1:
+        impls["bilevel, tasks in sequence"] = with_threads(threads, lambda l, e: step_bilevel(l, e, 1))
+    return impls
 
 
 
@@ -115,12 +132,10 @@ def one_memory(name: str, cfg_name: str, episode_file: str, threads: int) -> flo
     cfg = CONFIGS[cfg_name]
     ep = torch.load(episode_file, weights_only=False)
     learner = build(cfg)
-    fn = implementations(cfg)[name]
+    fn = implementations(cfg, threads)[name]
     small = type(ep)(*(t[:1] for t in ep))
     fn(learner, small)  # warm-up on one task: loads kernels before the baseline
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn(learner, ep)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0
+    return peak_memory_mb(lambda: fn(learner, ep))
 
 
 def main() -> None:
@@ -137,17 +152,23 @@ def main() -> None:
         print(json.dumps({"mb": one_memory(args.memory_of[0], args.memory_of[1], args.episode_file, args.threads)}))
         return
     torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, Conv-4 (64 filters) on 28x28")
+    print(f"# torch {torch.__version__}, {args.threads} threads (peers: intra-op threads; bilevel: tasks split over "
+          f"{args.threads} CPU threads with 1 intra-op thread each), Conv-4 (64 filters) on 28x28")
     headline = None
     for cfg_name in args.configs:
         cfg = CONFIGS[cfg_name]
         ep, data_name = episodes(cfg, root)
-        learner = build(cfg)
-        impls = implementations(cfg)
-        grads = {name: fn(learner, ep) for name, fn in impls.items()}
-        for name in ("higher", "torchopt"):
-            err = rel_err(grads["bilevel"], grads[name])
+        impls = implementations(cfg, args.threads)
+        # Same computation? Checked in float64 (in float32, BatchNorm over the 5 support images of a
+        # 1-shot episode amplifies rounding — which differs with the thread count and the order of
+        # summation — to ~1e-2 between any two implementations).
+        learner64 = build(cfg).double()
+        ep64 = type(ep)(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y)
+        grads = {name: fn(learner64, ep64) for name, fn in impls.items()}
+        errs = {name: rel_err(grads["bilevel"], grads[name]) for name in impls if name != "bilevel"}
+        for name, err in errs.items():
             assert err < 1e-4, f"{cfg_name}: bilevel and {name} meta-gradients differ (relative error {err:.2e})"
+        learner = build(cfg)
         med = interleaved_medians({name: (lambda fn=fn: fn(learner, ep)) for name, fn in impls.items()}, args.repeats)
         mem = {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -160,8 +181,8 @@ def main() -> None:
         fastest_peer = min(("higher", "torchopt"), key=lambda n: med[n])
         print(f"\n## {cfg_name}: {cfg['ways']}-way {cfg['shots']}-shot, {cfg['queries']} queries, meta-batch "
               f"{cfg['meta_batch']}, {cfg['steps']} inner step(s), {cfg['order']} order, data: {data_name}")
-        print(f"meta-gradients agree: higher {rel_err(grads['bilevel'], grads['higher']):.1e}, "
-              f"torchopt {rel_err(grads['bilevel'], grads['torchopt']):.1e} (relative)")
+        print("meta-gradients agree (float64, relative error vs bilevel): "
+              + ", ".join(f"{name} {err:.1e}" for name, err in errs.items()))
         print("| implementation | s / meta-iteration | peak MB | speedup vs it |")
         print("|---|---|---|---|")
         for name in impls:

@@ -124,6 +124,9 @@ run_options = _options(
     click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …"),
     click.option("--threads", type=POS_INT, default=None, help="torch CPU threads (default: torch's)."),
 )
+task_threads_option = click.option(
+    "--task-threads", type=POS_INT, default=1, show_default=True,
+    help="Split each meta-batch over this many CPU threads (one learner replica each).")
 
 inner_options = _options(
     click.option("--inner-steps", type=POS_INT, default=None, help="Inner steps T at training time."),
@@ -338,7 +341,7 @@ def _make_method_group(name: str, m: Method) -> click.Group:
             lr_schedule=o["lr_schedule"], grad_clip=o["grad_clip"], val_every=o["val_every"],
             val_episodes=o["val_episodes"], test_episodes=o["test_episodes"], checkpoint_every=o["checkpoint_every"],
             seed=o["seed"], device=o["device"], out=o["out"], progress=o["progress"], threads=o["threads"],
-            tensorboard=o["tensorboard"])
+            tensorboard=o["tensorboard"], task_threads=o["task_threads"])
         resume: bool | str = o["resume"]
         if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = "auto"  # restarted by torchrun --max-restarts: continue from the last checkpoint if any
@@ -354,7 +357,7 @@ def _make_method_group(name: str, m: Method) -> click.Group:
         click.echo(f"test {t['metric']}: {t['mean']:.4f} ± {t['ci95']:.4f} ({t['episodes']} episodes); "
                    f"model: {Path(cfg.out) / 'model.pt'}")
 
-    params = [config_option, data_options, run_options, train_options, nproc_option, *m.options]
+    params = [config_option, data_options, run_options, train_options, nproc_option, task_threads_option, *m.options]
     if m.inner:
         params.append(inner_options)
     for dec in reversed(params):

@@ -47,6 +47,7 @@ from bilevel.distributed import world_size_mismatch
 from bilevel.evaluation import mean_ci
 from bilevel.io import _resolve_factory, atomic_save, save_model
 from bilevel.learner import MetaLearner
+from bilevel.parallel import TaskThreads
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -104,6 +105,10 @@ class TrainConfig:
         out: output folder.
         progress: show a progress bar; tensorboard: also log TensorBoard events.
         threads: torch CPU threads (``None``: leave torch's default).
+        task_threads: split each meta-batch over this many CPU threads, one learner replica
+            each (:class:`bilevel.parallel.TaskThreads`); with several cores this beats
+            intra-op parallelism on small episodes. The torch threads are then shared
+            among them (``threads // task_threads`` each, at least 1).
     """
 
     iterations: int = 1000
@@ -125,6 +130,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     threads: int | None = None
+    task_threads: int = 1
 
 
 class _PiecewiseLR:
@@ -319,7 +325,7 @@ def _comparable(d: dict[str, Any]) -> Any:
     return json.loads(json.dumps(d, default=str))
 
 
-def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor]) -> Tensor:
+def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor], threads: TaskThreads | None = None) -> Tensor:
     """Set ``p.grad`` to the meta-gradient of the whole meta-batch, averaged over the ranks.
 
     Invariant: with this rank's B/W episodes, ``p.grad = 1/W Σ_r ∇_p meta_loss_r`` =
@@ -331,14 +337,21 @@ def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor]) -> 
         learner: the meta-learner; ``learner.meta_loss(episodes, train=True)``.
         episodes: this rank's share of the meta-batch.
         params: the outer parameters (same order on every rank); their ``.grad`` is replaced.
+        threads: run this rank's episodes on several CPU threads (:class:`bilevel.parallel.TaskThreads`).
 
     Returns:
         float64 [2]: the meta-loss and the metric, averaged over the whole meta-batch.
     """
-    loss, metric = learner.meta_loss(episodes, train=True)
     for p in params:
         p.grad = None
-    loss.backward()
+    if threads is not None and threads.workers > 1:
+        loss, metric, grads = threads.meta_gradient(episodes, train=True)
+        by_id = {id(p): g for p, g in zip(learner.parameters(), grads)}
+        for p in params:
+            p.grad = by_id.get(id(p))
+    else:
+        loss, metric = learner.meta_loss(episodes, train=True)
+        loss.backward()
     stats = torch.stack([loss.detach().double(), metric.detach().double().mean()])
     averaged = average_gradients(params, stats)
     assert averaged is not None
@@ -393,6 +406,10 @@ def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: Tr
          resume: bool | str) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if isinstance(cfg.task_threads, bool) or not isinstance(cfg.task_threads, int) or cfg.task_threads < 1:
+        raise ValueError(f"task_threads must be an integer >= 1, got {cfg.task_threads!r}")
+    if cfg.task_threads > 1:
+        torch.set_num_threads(max(1, (cfg.threads or torch.get_num_threads()) // cfg.task_threads))
     rank, world = _world()
     out = Path(cfg.out)
     share = _share(data.meta_batch, rank, world)
@@ -423,7 +440,7 @@ def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: Tr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _PiecewiseLR(cfg.lr_schedule))
 
     run_identity = _comparable({"factory": factory, "learner_config": learner_config, "data": asdict(data),
-                                "train": {k: v for k, v in asdict(cfg).items() if k not in ("iterations", "progress", "tensorboard", "out", "device", "threads")},
+                                "train": {k: v for k, v in asdict(cfg).items() if k not in ("iterations", "progress", "tensorboard", "out", "device", "threads", "task_threads")},
                                 "world_size": world})
     start, best, elapsed = 0, {"mean": None, "iteration": None}, 0.0
     running = [0.0, 0.0, 0]  # sums of train loss and metric since the last log row, and their count
@@ -481,11 +498,12 @@ def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: Tr
     t_start = time.perf_counter()
     last_val: dict[str, Any] | None = None
     learner.train()
+    task_threads = TaskThreads(learner, cfg.task_threads) if cfg.task_threads > 1 else None
     try:
         for it in range(start, cfg.iterations):
             samplers.train.iteration = it
             episodes = samplers.train.sample(it, indices=share).to(device)
-            stats = meta_gradient(learner, episodes, params)
+            stats = meta_gradient(learner, episodes, params, task_threads)
             if not math.isfinite(float(stats[0])):  # the mean over all ranks: every rank stops here
                 raise FloatingPointError(
                     f"meta-loss is {float(stats[0])} at iteration {it + 1}; lower the learning rates or inspect the data. "
@@ -526,6 +544,8 @@ def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: Tr
     finally:
         if bar is not None:
             bar.close()
+        if task_threads is not None:
+            task_threads.close()
         logger.close()
 
     wall = elapsed + time.perf_counter() - t_start

@@ -47,3 +47,32 @@ def peak_memory_mb(fn: Callable[[], Any]) -> float:
         f.write("5")
     fn()
     return max(0, _status_kb("VmHWM") - before) / 1024.0
+
+
+def bilevel_step(learner: Any, workers: int) -> Callable[[Any], list[torch.Tensor]]:
+    """A meta-gradient step of a bilevel learner: ``step(episodes) -> grads``.
+
+    With ``workers`` > 1 the episodes are split over that many CPU threads
+    (:class:`bilevel.parallel.TaskThreads`), each with one intra-op thread.
+    """
+    from bilevel.parallel import TaskThreads
+
+    if workers == 1:
+        def step(ep: Any) -> list[torch.Tensor]:
+            loss, _ = learner.meta_loss(ep)
+            return list(torch.autograd.grad(loss, list(learner.parameters()), allow_unused=True))
+        return step
+    threads = TaskThreads(learner, workers)
+
+    def step_threads(ep: Any) -> list[torch.Tensor]:
+        torch.set_num_threads(1)
+        return threads.meta_gradient(ep)[2]
+    return step_threads
+
+
+def with_threads(n: int, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with ``torch.set_num_threads(n)`` (benchmarks interleave thread settings)."""
+    def run(*args: Any) -> Any:
+        torch.set_num_threads(n)
+        return fn(*args)
+    return run

@@ -23,15 +23,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, rel_err  # noqa: E402
+from _common import bilevel_step, interleaved_medians, rel_err, with_threads  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.hyper_repr import HyperRepr  # noqa: E402
-
-
-def step_bilevel(learner: HyperRepr, ep) -> list[torch.Tensor]:
-    loss, _ = learner.meta_loss(ep)
-    return list(torch.autograd.grad(loss, list(learner.parameters())))
 
 
 def step_higher(learner: HyperRepr, ep) -> list[torch.Tensor]:
@@ -69,7 +64,8 @@ def main() -> None:
     root = Path(args.data_root)
     ds = load_dataset("omniglot", root, "train") if (root / "omniglot").exists() else load_dataset("glyphs", None, "train")
     ep = make_sampler(ds, ways=args.ways, shots=args.shots, queries=args.queries, meta_batch=args.meta_batch, seed=0).sample(0)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; Conv-4 (32 filters) representation, "
+    print(f"# torch {torch.__version__}, {args.threads} threads (higher: intra-op; bilevel: episodes split over "
+          f"{args.threads} CPU threads); Conv-4 (32 filters) representation, "
           f"{ds.name} {args.ways}-way {args.shots}-shot, {args.queries} queries, meta-batch {args.meta_batch}")
     print("| T | bilevel s/it | higher s/it | speedup | grad rel. error (float64) |")
     print("|---|---|---|---|---|")
@@ -84,11 +80,11 @@ def main() -> None:
         # 1-shot episode amplifies rounding (summation order differs between batched and looped
         # code) to ~1e-3, for any two implementations.
         ep64 = type(ep)(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y)
-        err = rel_err(step_bilevel(make(torch.float64), ep64), step_higher(make(torch.float64), ep64))
+        err = rel_err(bilevel_step(make(torch.float64), args.threads)(ep64), step_higher(make(torch.float64), ep64))
         assert err < 1e-4, f"T={steps}: bilevel and higher meta-gradients differ (relative error {err:.2e})"
         learner = make(torch.float32)
-        med = interleaved_medians({"bilevel": lambda: step_bilevel(learner, ep),
-                                   "higher": lambda: step_higher(learner, ep)}, args.repeats)
+        ours, peer = bilevel_step(learner, args.threads), with_threads(args.threads, step_higher)
+        med = interleaved_medians({"bilevel": lambda: ours(ep), "higher": lambda: peer(learner, ep)}, args.repeats)
         tb, th = med["bilevel"], med["higher"]
         speedups.append(th / tb)
         print(f"| {steps} | {tb:.3f} | {th:.3f} | {th / tb:.2f}x | {err:.1e} |")

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, peak_memory_mb, rel_err  # noqa: E402
+from _common import bilevel_step, interleaved_medians, peak_memory_mb, rel_err, with_threads  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
-from bilevel.parallel import TaskThreads  # noqa: E402
 from learners.maml import MAML  # noqa: E402
 
 CONFIGS = {
@@ -57,17 +56,6 @@ def build(cfg: dict) -> MAML:
     torch.manual_seed(0)
     return MAML(example_shape=[1, 28, 28], ways=cfg["ways"], backbone="conv4", inner_steps=cfg["steps"], inner_lr=INNER_LR,
                 hypergrad="reverse" if cfg["order"] == "second" else "first-order")
-
-
-def step_bilevel(learner: MAML, ep, workers: int = 1) -> list[torch.Tensor]:
-    """bilevel's MAML; with ``workers`` > 1 the episodes are split over CPU threads
-    (:class:`bilevel.parallel.TaskThreads`, one intra-op thread each)."""
-    if workers == 1:
-        loss, _ = learner.meta_loss(ep)
-        return list(torch.autograd.grad(loss, list(learner.parameters())))
-    if getattr(learner, "_bench_threads", None) is None:
-        learner._bench_threads = TaskThreads(learner, workers)
-    return learner._bench_threads.meta_gradient(ep)[2]
 
 
 def step_higher(learner: MAML, ep, cfg: dict) -> list[torch.Tensor]:
@@ -106,24 +94,17 @@ def step_torchopt(learner: MAML, ep, cfg: dict) -> list[torch.Tensor]:
     return list(torch.autograd.grad(total / ep.support_x.shape[0], list(params0.values())))
 
 
-def implementations(cfg: dict, threads: int = 1):
-    """name -> step(learner, episodes); each sets the torch thread count it runs with: the peers
-    use ``threads`` intra-op threads, bilevel splits the tasks over ``threads`` CPU threads."""
-    def with_threads(n: int, fn):
-        def run(learner, ep):
-            torch.set_num_threads(n)
-            return fn(learner, ep)
-        return run
-
+def implementations(cfg: dict, learner: MAML, threads: int = 1) -> dict:
+    """name -> step(episodes) -> meta-gradient; the peers use ``threads`` intra-op threads,
+    bilevel splits the tasks over ``threads`` CPU threads (one intra-op thread each)."""
     impls = {
-        "bilevel": with_threads(1, lambda l, e: step_bilevel(l, e, threads)),
-        "higher": with_threads(threads, lambda l, e: step_higher(l, e, cfg)),
-        "torchopt": with_threads(threads, lambda l, e: step_torchopt(l, e, cfg)),
+        "bilevel": bilevel_step(learner, threads),
+        "higher": with_threads(threads, lambda e: step_higher(learner, e, cfg)),
+        "torchopt": with_threads(threads, lambda e: step_torchopt(learner, e, cfg)),
     }
     if threads > 1:
-        impls["bilevel, tasks in sequence"] = with_threads(threads, lambda l, e: step_bilevel(l, e, 1))
+        impls["bilevel, tasks in sequence"] = with_threads(threads, bilevel_step(learner, 1))
     return impls
-
 
 
 def one_memory(name: str, cfg_name: str, episode_file: str, threads: int) -> float:
@@ -132,10 +113,9 @@ def one_memory(name: str, cfg_name: str, episode_file: str, threads: int) -> flo
     cfg = CONFIGS[cfg_name]
     ep = torch.load(episode_file, weights_only=False)
     learner = build(cfg)
-    fn = implementations(cfg, threads)[name]
-    small = type(ep)(*(t[:1] for t in ep))
-    fn(learner, small)  # warm-up on one task: loads kernels before the baseline
-    return peak_memory_mb(lambda: fn(learner, ep))
+    fn = implementations(cfg, learner, threads)[name]
+    fn(type(ep)(*(t[:1] for t in ep)))  # warm-up on one task: loads kernels before the baseline
+    return peak_memory_mb(lambda: fn(ep))
 
 
 def main() -> None:
@@ -158,18 +138,16 @@ def main() -> None:
     for cfg_name in args.configs:
         cfg = CONFIGS[cfg_name]
         ep, data_name = episodes(cfg, root)
-        impls = implementations(cfg, args.threads)
         # Same computation? Checked in float64 (in float32, BatchNorm over the 5 support images of a
         # 1-shot episode amplifies rounding — which differs with the thread count and the order of
         # summation — to ~1e-2 between any two implementations).
-        learner64 = build(cfg).double()
         ep64 = type(ep)(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y)
-        grads = {name: fn(learner64, ep64) for name, fn in impls.items()}
+        grads = {name: fn(ep64) for name, fn in implementations(cfg, build(cfg).double(), args.threads).items()}
         errs = {name: rel_err(grads["bilevel"], grads[name]) for name in impls if name != "bilevel"}
         for name, err in errs.items():
             assert err < 1e-4, f"{cfg_name}: bilevel and {name} meta-gradients differ (relative error {err:.2e})"
-        learner = build(cfg)
-        med = interleaved_medians({name: (lambda fn=fn: fn(learner, ep)) for name, fn in impls.items()}, args.repeats)
+        impls = implementations(cfg, build(cfg), args.threads)
+        med = interleaved_medians({name: (lambda fn=fn: fn(ep)) for name, fn in impls.items()}, args.repeats)
         mem = {}
         with tempfile.TemporaryDirectory() as tmp:
             episode_file = str(Path(tmp) / "episodes.pt")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians, rel_err  # noqa: E402
+from _common import bilevel_step, interleaved_medians, rel_err, with_threads  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.common import param_key  # noqa: E402
@@ -33,11 +33,6 @@ from learners.meta_sgd import MetaSGD  # noqa: E402
 
 def task_loss(learner, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((out - y) ** 2).mean() if learner.task == "regression" else F.cross_entropy(out, y)
-
-
-def step_bilevel(learner, ep) -> list[torch.Tensor]:
-    loss, _ = learner.meta_loss(ep)
-    return list(torch.autograd.grad(loss, list(learner.parameters())))
 
 
 def step_higher(learner, ep) -> list[torch.Tensor]:
@@ -82,7 +77,8 @@ def main() -> None:
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# torch {torch.__version__}, {args.threads} threads (higher: intra-op; bilevel: tasks split over "
+          f"{args.threads} CPU threads when they loop over tasks)")
     print("| learner | problem | bilevel s/it | higher s/it | speedup | grad rel. error (float64) |")
     print("|---|---|---|---|---|---|")
     headline = None
@@ -93,11 +89,11 @@ def main() -> None:
                 return cls(**kwargs).to(dtype)
 
             ep64 = type(ep)(*(t.double() if t.is_floating_point() else t for t in ep))
-            err = rel_err(step_bilevel(make(torch.float64), ep64), step_higher(make(torch.float64), ep64))
+            err = rel_err(bilevel_step(make(torch.float64), args.threads)(ep64), step_higher(make(torch.float64), ep64))
             assert err < 1e-4, f"{cls.__name__} / {problem}: meta-gradients differ (relative error {err:.2e})"
             learner = make(torch.float32)
-            med = interleaved_medians({"bilevel": lambda: step_bilevel(learner, ep),
-                                       "higher": lambda: step_higher(learner, ep)}, args.repeats)
+            ours, peer = bilevel_step(learner, args.threads), with_threads(args.threads, step_higher)
+            med = interleaved_medians({"bilevel": lambda: ours(ep), "higher": lambda: peer(learner, ep)}, args.repeats)
             tb, th = med["bilevel"], med["higher"]
             print(f"| {cls.__name__} | {problem} | {tb:.4f} | {th:.4f} | {th / tb:.2f}x | {err:.1e} |", flush=True)
             if cls is MetaSGD and "Conv-4" in problem:  # headline: the MAML benchmark's configuration

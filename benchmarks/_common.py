@@ -53,15 +53,19 @@ def bilevel_step(learner: Any, workers: int) -> Callable[[Any], list[torch.Tenso
     """A meta-gradient step of a bilevel learner: ``step(episodes) -> grads``.
 
     With ``workers`` > 1 the episodes are split over that many CPU threads
-    (:class:`bilevel.parallel.TaskThreads`), each with one intra-op thread.
+    (:class:`bilevel.parallel.TaskThreads`), each with one intra-op thread — unless the learner
+    already solves the tasks as one batched problem, which then gets ``workers`` intra-op threads.
     """
     from bilevel.parallel import TaskThreads
 
-    if workers == 1:
-        def step(ep: Any) -> list[torch.Tensor]:
-            loss, _ = learner.meta_loss(ep)
-            return list(torch.autograd.grad(loss, list(learner.parameters()), allow_unused=True))
+    def step(ep: Any) -> list[torch.Tensor]:
+        loss, _ = learner.meta_loss(ep)
+        return list(torch.autograd.grad(loss, list(learner.parameters()), allow_unused=True))
+
+    if workers == 1:  # the caller's thread setting
         return step
+    if getattr(learner, "uses_task_batching", lambda device: False)(torch.device("cpu")):
+        return with_threads(workers, step)  # one batched problem: intra-op threads beat task threads
     threads = TaskThreads(learner, workers)
 
     def step_threads(ep: Any) -> list[torch.Tensor]:

@@ -143,7 +143,7 @@ def main() -> None:
         # summation — to ~1e-2 between any two implementations).
         ep64 = type(ep)(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y)
         grads = {name: fn(ep64) for name, fn in implementations(cfg, build(cfg).double(), args.threads).items()}
-        errs = {name: rel_err(grads["bilevel"], grads[name]) for name in impls if name != "bilevel"}
+        errs = {name: rel_err(grads["bilevel"], g) for name, g in grads.items() if name != "bilevel"}
         for name, err in errs.items():
             assert err < 1e-4, f"{cfg_name}: bilevel and {name} meta-gradients differ (relative error {err:.2e})"
         impls = implementations(cfg, build(cfg), args.threads)

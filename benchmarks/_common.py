@@ -74,9 +74,60 @@ def bilevel_step(learner: Any, workers: int) -> Callable[[Any], list[torch.Tenso
     return step_threads
 
 
+def tensor_peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak of the bytes held in PyTorch tensors while ``fn()`` runs, above those held before, in MB.
+
+    Replays the CPU allocator's allocations and frees recorded by ``torch.profiler``
+    (``profile_memory=True``) in time order, at the granularity of one operator (an operator's
+    own temporary buffers, freed before it returns, are not seen). Unlike the resident set this
+    is not blurred by the C allocator's caching and page granularity, so sub-megabyte working
+    sets can be compared between runs. Run it separately from timings: profiling slows ``fn``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak / 2**20
+
+
 def with_threads(n: int, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` run with ``torch.set_num_threads(n)`` (benchmarks interleave thread settings)."""
     def run(*args: Any) -> Any:
         torch.set_num_threads(n)
         return fn(*args)
     return run
+
+
+def image_dataset(data_root: Any) -> Any:
+    """The Omniglot background set under ``data_root`` (train split), else the offline glyphs."""
+    from pathlib import Path
+
+    from bilevel.data import load_dataset
+
+    root = Path(data_root) if data_root is not None else None
+    if root is not None and (root / "omniglot").exists():
+        return load_dataset("omniglot", root, "train")
+    return load_dataset("glyphs", None, "train")
+
+
+def time_against_higher(make: Callable[[torch.dtype], Any], step_higher: Callable[[Any, Any], list[torch.Tensor]],
+                        ep: Any, threads: int, repeats: int, what: str) -> tuple[float, float, float]:
+    """(bilevel s/it, higher s/it, relative error of the float64 meta-gradients).
+
+    Asserts first that the learner built by ``make(dtype)`` and ``step_higher(learner, ep)`` give
+    the same meta-gradient in float64 (relative error < 1e-4), then times both in float32,
+    interleaved. (Float64 because BatchNorm over the few support images of a 1-shot episode
+    amplifies float32 rounding, whose summation order differs between implementations.)
+    """
+    ep64 = type(ep)(*(t.double() if t.is_floating_point() else t for t in ep))
+    err = rel_err(bilevel_step(make(torch.float64), threads)(ep64), step_higher(make(torch.float64), ep64))
+    assert err < 1e-4, f"{what}: bilevel and higher meta-gradients differ (relative error {err:.2e})"
+    learner = make(torch.float32)
+    ours, peer = bilevel_step(learner, threads), with_threads(threads, step_higher)
+    med = interleaved_medians({"bilevel": lambda: ours(ep), "higher": lambda: peer(learner, ep)}, repeats)
+    return med["bilevel"], med["higher"], err
+

@@ -15,15 +15,11 @@ data-parallel overhead independent of what else runs on the machine. Workers are
 (:func:`bilevel.distributed.launch`); start-up and data loading are not timed. Each timed
 window starts and ends with a barrier; rank 0's wall time is reported.
 
-    PYTHONPATH=. python benchmarks/distributed.py --data-root /work/shared/data [--method metaoptnet]
-
-``--method metaoptnet`` (default) falls back to ``maml`` (second order, 1 inner step) with a
-message when ``learners.metaoptnet`` is not installed.
+    python benchmarks/distributed.py --data-root ../shared/data [--method metaoptnet|maml]
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import time
 from typing import Any
@@ -106,10 +102,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="run every configuration this many times, keep the best")
     args = ap.parse_args()
     method = args.method
-    if method == "metaoptnet" and importlib.util.find_spec("learners.metaoptnet") is None:
-        print("learners.metaoptnet is not installed on this branch: measuring maml instead "
-              "(rerun with --method metaoptnet once it is)")
-        method = "maml"
     keys = ("data_root", "ways", "shots", "queries", "meta_batch", "iterations", "warmup")
     opts = {k: getattr(args, k) for k in keys}
     from bilevel.distributed import launch

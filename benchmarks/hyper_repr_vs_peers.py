@@ -23,9 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import bilevel_step, interleaved_medians, rel_err, with_threads  # noqa: E402
+from _common import image_dataset, time_against_higher  # noqa: E402
 
-from bilevel.data import load_dataset, make_sampler  # noqa: E402
+from bilevel.data import make_sampler  # noqa: E402
 from learners.hyper_repr import HyperRepr  # noqa: E402
 
 
@@ -61,8 +61,7 @@ def main() -> None:
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    root = Path(args.data_root)
-    ds = load_dataset("omniglot", root, "train") if (root / "omniglot").exists() else load_dataset("glyphs", None, "train")
+    ds = image_dataset(args.data_root)
     ep = make_sampler(ds, ways=args.ways, shots=args.shots, queries=args.queries, meta_batch=args.meta_batch, seed=0).sample(0)
     print(f"# torch {torch.__version__}, {args.threads} threads (higher: intra-op; bilevel: episodes split over "
           f"{args.threads} CPU threads); Conv-4 (32 filters) representation, "
@@ -76,16 +75,7 @@ def main() -> None:
             return HyperRepr(example_shape=list(ep.support_x.shape[2:]), ways=args.ways, inner_steps=steps,
                              inner_lr=0.1).to(dtype)
 
-        # Same computation? Checked in float64: in float32, BatchNorm over the 5 support images of a
-        # 1-shot episode amplifies rounding (summation order differs between batched and looped
-        # code) to ~1e-3, for any two implementations.
-        ep64 = type(ep)(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y)
-        err = rel_err(bilevel_step(make(torch.float64), args.threads)(ep64), step_higher(make(torch.float64), ep64))
-        assert err < 1e-4, f"T={steps}: bilevel and higher meta-gradients differ (relative error {err:.2e})"
-        learner = make(torch.float32)
-        ours, peer = bilevel_step(learner, args.threads), with_threads(args.threads, step_higher)
-        med = interleaved_medians({"bilevel": lambda: ours(ep), "higher": lambda: peer(learner, ep)}, args.repeats)
-        tb, th = med["bilevel"], med["higher"]
+        tb, th, err = time_against_higher(make, step_higher, ep, args.threads, args.repeats, f"T={steps}")
         speedups.append(th / tb)
         print(f"| {steps} | {tb:.3f} | {th:.3f} | {th / tb:.2f}x | {err:.1e} |")
     print(f"speedup vs fastest peer: {speedups[0]:.2f}x")

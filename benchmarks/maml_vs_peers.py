@@ -133,7 +133,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {args.threads} threads (peers: intra-op threads; bilevel: tasks split over "
-          f"{args.threads} CPU threads with 1 intra-op thread each), Conv-4 (64 filters) on 28x28")
+          f"{args.threads} CPU threads with 1 intra-op thread each and one backward pass per task), Conv-4 (64 filters) on 28x28")
     headline = None
     for cfg_name in args.configs:
         cfg = CONFIGS[cfg_name]

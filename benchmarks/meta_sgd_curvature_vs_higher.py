@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import bilevel_step, interleaved_medians, rel_err, with_threads  # noqa: E402
+from _common import image_dataset, time_against_higher  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.common import param_key  # noqa: E402
@@ -59,7 +59,7 @@ def step_higher(learner, ep) -> list[torch.Tensor]:
 
 def problems(data_root: Path) -> dict:
     sin = load_dataset("sinusoid", None, "train")
-    img = load_dataset("omniglot", data_root, "train") if (data_root / "omniglot").exists() else load_dataset("glyphs", None, "train")
+    img = image_dataset(data_root)
     return {
         "sinusoid MLP 40-40, 5-shot, meta-batch 25, 1 step": (
             make_sampler(sin, ways=None, shots=5, queries=10, meta_batch=25, seed=0).sample(0),
@@ -88,13 +88,7 @@ def main() -> None:
                 torch.manual_seed(0)
                 return cls(**kwargs).to(dtype)
 
-            ep64 = type(ep)(*(t.double() if t.is_floating_point() else t for t in ep))
-            err = rel_err(bilevel_step(make(torch.float64), args.threads)(ep64), step_higher(make(torch.float64), ep64))
-            assert err < 1e-4, f"{cls.__name__} / {problem}: meta-gradients differ (relative error {err:.2e})"
-            learner = make(torch.float32)
-            ours, peer = bilevel_step(learner, args.threads), with_threads(args.threads, step_higher)
-            med = interleaved_medians({"bilevel": lambda: ours(ep), "higher": lambda: peer(learner, ep)}, args.repeats)
-            tb, th = med["bilevel"], med["higher"]
+            tb, th, err = time_against_higher(make, step_higher, ep, args.threads, args.repeats, f"{cls.__name__} / {problem}")
             print(f"| {cls.__name__} | {problem} | {tb:.4f} | {th:.4f} | {th / tb:.2f}x | {err:.1e} |", flush=True)
             if cls is MetaSGD and "Conv-4" in problem:  # headline: the MAML benchmark's configuration
                 headline = th / tb

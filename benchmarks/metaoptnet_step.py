@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_medians  # noqa: E402
+from _common import image_dataset, interleaved_medians  # noqa: E402
 
-from bilevel.data import load_dataset, make_sampler  # noqa: E402
+from bilevel.data import make_sampler  # noqa: E402
 from learners.metaoptnet import MetaOptNet  # noqa: E402
 
 
@@ -41,8 +41,7 @@ def main() -> None:
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    root = Path(args.data_root)
-    ds = load_dataset("omniglot", root, "train") if (root / "omniglot").exists() else load_dataset("glyphs", None, "train")
+    ds = image_dataset(args.data_root)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; MetaOptNet Conv-4 (64 filters), {ds.name} "
           f"5-way, {args.queries} queries/class, meta-batch {args.meta_batch}")
     print("| shots | ProtoNet s/step | SVM-CS s/step | SVM / ProtoNet |")

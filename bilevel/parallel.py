@@ -32,13 +32,21 @@ class TaskThreads:
         learner: the meta-learner whose parameters are differentiated (replicas are refreshed
             from it at every call).
         workers: number of threads W ≥ 1 (W = 1 runs in the calling thread).
+        micro_batch: episodes per backward pass inside a worker. Smaller micro-batches hold
+            fewer episodes' graphs at once (peak memory ∝ W · micro_batch episodes instead of
+            the whole meta-batch). ``None`` (default): 1 when the learner loops over its tasks
+            anyway (``learner.uses_task_batching(device)`` is false), else the worker's whole
+            share, so that learners which batch their tasks keep doing so.
     """
 
-    def __init__(self, learner: MetaLearner, workers: int) -> None:
+    def __init__(self, learner: MetaLearner, workers: int, *, micro_batch: int | None = None) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1):
+            raise ValueError(f"micro_batch must be an integer >= 1 or None, got {micro_batch!r}")
         self.learner = learner
         self.workers = workers
+        self.micro_batch = micro_batch
         self.replicas = [learner] + [copy.deepcopy(learner) for _ in range(workers - 1)]
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
@@ -62,12 +70,24 @@ class TaskThreads:
         bounds = [round(i * b / w) for i in range(w + 1)]
         chunks = [Episodes(*(t[bounds[i]:bounds[i + 1]] for t in episodes)) for i in range(w)]
 
+        micro = self._micro_batch(episodes.support_x.device)
+
         def run(i: int) -> Any:
             replica = self.replicas[i]
-            loss, metric = replica.meta_loss(chunks[i], train=train)
-            weight = (bounds[i + 1] - bounds[i]) / b
-            grads = torch.autograd.grad(loss * weight, list(replica.parameters()), allow_unused=True)
-            return loss.detach() * weight, metric.detach(), grads
+            params = list(replica.parameters())
+            n = bounds[i + 1] - bounds[i]
+            step = n if micro is None else micro
+            total_loss, metrics, total = None, [], None
+            for lo in range(0, n, step):
+                part = Episodes(*(t[lo:lo + step] for t in chunks[i]))
+                loss, metric = replica.meta_loss(part, train=train)
+                loss = loss * (part.batch_size / b)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                total = list(grads) if total is None else [
+                    g if a is None else a if g is None else a + g for a, g in zip(total, grads)]
+                total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+                metrics.append(metric.detach())
+            return total_loss, torch.cat(metrics), total
 
         results = list(self.pool.map(run, range(w)))
         grads: list[Tensor | None] = []
@@ -77,6 +97,12 @@ class TaskThreads:
         loss = torch.stack([r[0] for r in results]).sum()
         metric = torch.cat([r[1] for r in results])
         return loss, metric, grads
+
+    def _micro_batch(self, device: torch.device) -> int | None:
+        if self.micro_batch is not None:
+            return self.micro_batch
+        batches = getattr(self.learner, "uses_task_batching", None)
+        return 1 if batches is not None and not batches(device) else None
 
     def close(self) -> None:
         if self.pool is not None:

@@ -11,18 +11,18 @@ from learners.maml import MAML
 from learners.metaoptnet import MetaOptNet
 
 
-@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("workers,micro_batch", [(2, None), (3, None), (2, 1), (2, 2)])
 @pytest.mark.parametrize("make", [
     lambda: MAML(example_shape=[1, 16, 16], ways=3, backbone_options={"filters": 4}, inner_steps=2, inner_lr=0.1),
     lambda: MetaOptNet(example_shape=[1, 16, 16], ways=3, backbone_options={"filters": 4}, head="svm"),
 ], ids=["maml", "metaoptnet-svm"])
-def test_threads_give_the_meta_gradient_of_the_whole_meta_batch(gen, f64, make, workers):
+def test_threads_give_the_meta_gradient_of_the_whole_meta_batch(gen, f64, make, workers, micro_batch):
     ep = image_episodes(gen, f64, b=5, ways=3, shots=2, queries=2)
     torch.manual_seed(0)
     learner = make().to(f64)
     loss, metric = learner.meta_loss(ep)
     ref = grads_of(loss, learner)
-    tt = TaskThreads(learner, workers)
+    tt = TaskThreads(learner, workers, micro_batch=micro_batch)
     try:
         for _ in range(2):  # replicas are refreshed from the learner at every call
             got_loss, got_metric, grads = tt.meta_gradient(ep)
@@ -39,6 +39,8 @@ def test_threads_give_the_meta_gradient_of_the_whole_meta_batch(gen, f64, make, 
         tt.close()
     with pytest.raises(ValueError, match="workers must be"):
         TaskThreads(learner, 0)
+    with pytest.raises(ValueError, match="micro_batch must be"):
+        TaskThreads(learner, 2, micro_batch=0)
 
 
 def test_training_with_task_threads_follows_the_same_trajectory(tmp_path):

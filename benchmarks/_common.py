@@ -1,9 +1,11 @@
 """Helpers shared by the benchmark scripts (not part of the library)."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,8 +106,6 @@ def with_threads(n: int, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def image_dataset(data_root: Any) -> Any:
     """The Omniglot background set under ``data_root`` (train split), else the offline glyphs."""
-    from pathlib import Path
-
     from bilevel.data import load_dataset
 
     root = Path(data_root) if data_root is not None else None
@@ -130,4 +130,15 @@ def time_against_higher(make: Callable[[torch.dtype], Any], step_higher: Callabl
     ours, peer = bilevel_step(learner, threads), with_threads(threads, step_higher)
     med = interleaved_medians({"bilevel": lambda: ours(ep), "higher": lambda: peer(learner, ep)}, repeats)
     return med["bilevel"], med["higher"], err
+
+
+DATA_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def add_run_options(ap: argparse.ArgumentParser, *, threads: int = 2, repeats: int | None = 7) -> None:
+    """The options every comparison shares: ``--threads``, ``--repeats`` (if timed) and ``--data-root``."""
+    if repeats is not None:
+        ap.add_argument("--repeats", type=int, default=repeats, help="timed repetitions (median reported)")
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--data-root", default=DATA_ROOT, help="folder holding omniglot/ (else the offline glyphs)")
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import image_dataset, time_against_higher  # noqa: E402
+from _common import add_run_options, image_dataset, time_against_higher  # noqa: E402
 
 from bilevel.data import make_sampler  # noqa: E402
 from learners.hyper_repr import HyperRepr  # noqa: E402
@@ -56,9 +56,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--queries", type=int, default=15)
     ap.add_argument("--meta-batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    add_run_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ds = image_dataset(args.data_root)

@@ -28,7 +28,7 @@ from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.maml import MAML  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_memory_mb  # noqa: E402
+from _common import add_run_options, peak_memory_mb  # noqa: E402
 
 
 def strategies(steps: int) -> dict[str, str]:
@@ -61,8 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 5, 20])
     ap.add_argument("--meta-batch", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    add_run_options(ap, threads=1, repeats=None)
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:

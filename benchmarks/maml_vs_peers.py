@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import bilevel_step, interleaved_medians, peak_memory_mb, rel_err, with_threads  # noqa: E402
+from _common import add_run_options, bilevel_step, interleaved_medians, peak_memory_mb, rel_err, with_threads  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.maml import MAML  # noqa: E402
@@ -121,9 +121,7 @@ def one_memory(name: str, cfg_name: str, episode_file: str, threads: int) -> flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    add_run_options(ap)
     ap.add_argument("--memory-of", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--episode-file", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import image_dataset, time_against_higher  # noqa: E402
+from _common import add_run_options, image_dataset, time_against_higher  # noqa: E402
 
 from bilevel.data import load_dataset, make_sampler  # noqa: E402
 from learners.common import param_key  # noqa: E402
@@ -72,9 +72,7 @@ def problems(data_root: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    add_run_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {args.threads} threads (higher: intra-op; bilevel: tasks split over "

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import image_dataset, interleaved_medians  # noqa: E402
+from _common import add_run_options, image_dataset, interleaved_medians  # noqa: E402
 
 from bilevel.data import make_sampler  # noqa: E402
 from learners.metaoptnet import MetaOptNet  # noqa: E402
@@ -36,9 +36,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="training shots K (5-way; Omniglot has 20 drawings per character)")
     ap.add_argument("--queries", type=int, default=6, help="queries per class (MetaOptNet trains with 6)")
     ap.add_argument("--meta-batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    add_run_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ds = image_dataset(args.data_root)

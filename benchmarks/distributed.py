@@ -42,12 +42,13 @@ def _worker(method: str, opts: dict[str, Any], threads: int) -> dict[str, Any]:
     from bilevel.cli import METHODS
     from bilevel.data import load_splits, make_sampler
     from bilevel.data.transforms import example_shape
-    from bilevel.distributed import init_from_env, world
+    from bilevel.distributed import init_from_env, leave_group, world
     from bilevel.io import _resolve_factory
     from bilevel.train import _share, meta_gradient
 
     torch.set_num_threads(threads)
     _, owned = init_from_env("cpu")
+    finished = False
     try:
         rank, size = world()
         ds = load_splits("omniglot", opts["data_root"], ("train",))["train"]
@@ -82,11 +83,13 @@ def _worker(method: str, opts: dict[str, Any], threads: int) -> dict[str, Any]:
             dist.barrier()
             dist.all_reduce(cpu)  # CPU seconds of all ranks (time blocked in collectives is not CPU time)
         seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "cpu": float(cpu), "episodes": opts["iterations"] * opts["meta_batch"],
-                "threads": torch.get_num_threads(), "processes": size}
+        result = {"seconds": seconds, "cpu": float(cpu), "episodes": opts["iterations"] * opts["meta_batch"],
+                  "threads": torch.get_num_threads(), "processes": size}
+        finished = True
+        return result
     finally:
         if owned:
-            dist.destroy_process_group()
+            leave_group(synchronize=finished)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "checkpoint_info",
     "init_from_env",
     "launch",
+    "leave_group",
     "under_launcher",
     "world",
     "world_size_mismatch",
@@ -118,6 +119,20 @@ def init_from_env(device: str | torch.device) -> tuple[torch.device, bool]:
     else:
         dist.init_process_group(backend, device_id=device_id)
     return dev, True
+
+
+def leave_group(*, synchronize: bool) -> None:
+    """Destroy the default process group, after a barrier when ``synchronize``.
+
+    Pass ``synchronize=True`` when every rank got here normally: no rank then tears its
+    connections down while a peer still uses the group (rank 0 writing its last files, say).
+    With gloo, a process that exits in that window can abort at interpreter exit ("terminate
+    called without an active exception", SIGABRT), which the launcher reports as a failed run.
+    On an error path pass ``False``: the peers may never reach the barrier.
+    """
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def average_gradients(params: Sequence[Tensor], stats: Tensor | None = None) -> Tensor | None:

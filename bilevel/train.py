@@ -41,7 +41,7 @@ from bilevel.data import Episodes, SinusoidTasks, load_splits, make_sampler
 from bilevel.data.augment import Augment
 from bilevel.data.synthetic import seed_from
 from bilevel.data.transforms import example_shape as _example_shape
-from bilevel.distributed import average_gradients, broadcast_module, broadcast_object, init_from_env
+from bilevel.distributed import average_gradients, broadcast_module, broadcast_object, init_from_env, leave_group
 from bilevel.distributed import world as _world
 from bilevel.distributed import world_size_mismatch
 from bilevel.evaluation import mean_ci
@@ -395,11 +395,14 @@ def fit(
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     device, owned = init_from_env(cfg.device)
+    finished = False
     try:
-        return _fit(factory, learner_config, data, cfg, device, resume)
+        result = _fit(factory, learner_config, data, cfg, device, resume)
+        finished = True
+        return result
     finally:
         if owned:
-            dist.destroy_process_group()
+            leave_group(synchronize=finished)
 
 
 def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: TrainConfig, device: torch.device,

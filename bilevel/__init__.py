@@ -8,11 +8,11 @@ E(w_T, λ) (Franceschi et al. 2018) — and interchangeable hypergradient strate
                         hypergrad=Implicit(CG(maxiter=20)))
     problem.outer_loss(w_T, hparams, val_batch).backward()
 """
-__version__ = "0.1.0"
+from bilevel._version import __version__
 
 # --- core: problem, dynamics, hypergradient strategies, linear solvers (issue "Core") ---
 from bilevel import dynamics, hypergrad, linsolve
-from bilevel._engine import InnerState
+from bilevel._engine import InnerState, NonFiniteError
 from bilevel.dynamics import Adam, Dynamics, GradientDescent, HeavyBall
 from bilevel.hypergrad import (
     Checkpointed,
@@ -46,6 +46,7 @@ __all__ = [
     "Hypergradient",
     "Implicit",
     "InnerState",
+    "NonFiniteError",
     "LinearSolver",
     "Neumann",
     "NoInner",
@@ -59,28 +60,14 @@ __all__ = [
     "linsolve",
     "solve",
 ]
-# --- fewshot (issue 4): model files and the inference API -------------------------------
-# bilevel.data (datasets, episodic samplers) and bilevel.models (backbones) are subpackages
-# with their own __all__; they are not imported here to keep `import bilevel` light.
-from bilevel.io import atomic_save, load, save_model  # noqa: E402
-
-__all__ += ["atomic_save", "load", "save_model"]
-# --- end fewshot ---------------------------------------------------------------------------
-# --- distributed (issue 7): data-parallel meta-training -----------------------------------
-# bilevel.distributed (process groups from torchrun's environment, average_gradients, launch)
-# is a submodule with its own __all__; it is not imported here to keep `import bilevel` light.
-# --- end distributed -----------------------------------------------------------------------
-
-# --- hpo (issue 6): gradient-based hyperparameter optimization (data, hyper-loop, lr/l2/clean tasks) ---
-# Light to import: scikit-learn, torchvision, tqdm and matplotlib load only when used.
-from bilevel import hpo  # noqa: E402
-
-__all__ += ["hpo"]
-# --- end hpo ---
-
-# --- heads: batched differentiable QP layer (issue "heads"; see bilevel.qp) ---
+# --- model files, the learner registry and the QP layer ------------------------------------
+# bilevel.data (datasets, episodic samplers), bilevel.models (backbones), bilevel.train (the
+# training loop), bilevel.distributed and bilevel.hpo are subpackages/modules with their own
+# __all__; they are not imported here, to keep `import bilevel` light and the layers acyclic.
 from bilevel import qp  # noqa: E402
+from bilevel._atomic import atomic_save  # noqa: E402
+from bilevel.io import load, save_learner, save_model  # noqa: E402
 from bilevel.qp import QPInfo, solve_qp  # noqa: E402
+from bilevel.registry import register_learner  # noqa: E402
 
-__all__ += ["QPInfo", "qp", "solve_qp"]
-# --- end heads ---
+__all__ += ["QPInfo", "atomic_save", "load", "qp", "register_learner", "save_learner", "save_model", "solve_qp"]

@@ -24,6 +24,10 @@ from bilevel._tree import Params
 from bilevel.problem import BilevelProblem
 
 
+class NonFiniteError(ValueError):
+    """The inner loss became NaN or infinite (the inner dynamics diverged); the message names the step."""
+
+
 class InnerState(NamedTuple):
     """Where an inner run stopped; pass it back to :func:`bilevel.solve` as ``params0`` to go on.
 
@@ -84,7 +88,7 @@ def check_loss(loss: Any, t: int, steps_end: int, check_finite: bool, what: str 
     if loss.numel() != 1:
         raise ValueError(f"{what} must return a scalar tensor, got shape {list(loss.shape)} at step {t}")
     if check_finite and not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError(
+        raise NonFiniteError(
             f"{what} is not finite ({float(loss.detach()):g}) at step {t} of {steps_end}; "
             "lower the inner learning rate or check the data (pass check_finite=False to skip this check)"
         )
@@ -164,4 +168,4 @@ def probe_captured(run: Run, strategy: str) -> None:
 
 Strategy = Callable[[Run], InnerState]
 
-__all__ = ["InnerState", "Run", "check_loss", "check_state_params", "inner_grads", "probe_captured", "unroll"]
+__all__ = ["InnerState", "NonFiniteError", "Run", "check_loss", "check_state_params", "inner_grads", "probe_captured", "unroll"]

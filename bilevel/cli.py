@@ -1,30 +1,122 @@
-"""The ``bilevel`` command line: one click group, one subcommand group per method.
+"""The ``bilevel`` command line, generated from the learners' declared options.
 
-``bilevel <method> train …`` validates its options, then makes one library call
-(:func:`bilevel.train.fit`); ``bilevel <method> eval --checkpoint OUT/model.pt …`` calls
-:func:`bilevel.train.evaluate_model`. Options shared by every method are defined once below;
-``--config FILE`` (YAML or TOML) provides defaults that flags override. Learners are imported
-lazily (``bilevel`` never imports ``learners`` at module level).
+``bilevel <method> train|eval`` exists for every name in the learner registry
+(:mod:`bilevel.registry`); its flags are generated from three declarations
+(:mod:`bilevel.options`): :class:`bilevel.train.DataConfig`, :class:`bilevel.train.TrainConfig`
+and the learner's ``Config``. A flag and the same key in a ``--config`` file (YAML or TOML, or a
+run's ``config.yaml``) go through the same conversion and validation. ``train`` makes one library
+call (:func:`bilevel.train.fit`), ``eval`` one (:func:`bilevel.train.evaluate_model`).
+
+Exit codes: 0 success; 1 run error (training diverged, a file could not be written, a process
+failed); 2 usage error (bad option or file, ``--out`` in use or holding another run);
+130 interrupted (Ctrl-C: the message names the last checkpoint and the ``--resume`` command).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import shlex
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bilevel import __version__
+from bilevel import options as opts
+from bilevel import registry
+from bilevel._version import __version__
 
 F = Callable[..., Any]
 
+EXIT_CODES = {0: "success", 1: "run error (diverged training, a failed write or process)",
+              2: "usage error (bad option, file or --out)", 130: "interrupted (Ctrl-C)"}
+EPILOG = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
 
-# --------------------------------------------------------------------------- shared helpers
+
+# --------------------------------------------------------------------------- options from declarations
+class DeclaredType(click.ParamType):
+    """A click type that converts with the option's declaration (same rules as config files)."""
+
+    def __init__(self, name: str, kind: str, decl: opts.Option) -> None:
+        self.name = {"strategy": "STRATEGY", "schedule": "ITER:FACTOR,…"}.get(kind, kind.upper())
+        self.field, self.kind, self.decl = name, kind, decl
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return opts._check_python(self.field, self.kind, self.decl, opts._parse_text(self.field, self.kind, self.decl, value))
+        except opts.OptionError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _flag(field_name: str, decl: opts.Option) -> str:
+    return decl.flag or field_name.replace("_", "-")
+
+
+def _default_text(f: dataclasses.Field, kind: str) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return ""
+    if value is None or value == []:
+        return ""
+    return f" [default: {opts._json_value(kind, value)}]"
+
+
+def declared_options(cls: type, *, eval_only: bool = False, show_defaults: bool = True) -> list[F]:
+    """One click option per declared CLI field of ``cls`` (default ``None`` = not given)."""
+    out = []
+    for f, decl, ann in opts.cli_fields(cls):
+        if eval_only and not decl.eval:
+            continue
+        kind, _ = field_kind(ann)
+        flag = _flag(f.name, decl)
+        help_text = decl.help + (_default_text(f, kind) if show_defaults else "")
+        if kind == "bool":
+            neg = decl.secondary or f"no-{flag}"
+            out.append(click.option(f"--{flag}/--{neg}", f.name, default=None, help=help_text))
+        else:
+            metavar = "|".join(decl.choices) if decl.choices else None
+            out.append(click.option(f"--{flag}", f.name, type=DeclaredType(f.name, kind, decl), default=None,
+                                    metavar=metavar, help=help_text))
+    return out
+
+
+def field_kind(annotation: Any) -> tuple[str, bool]:
+    return opts.field_kind(annotation)
+
+
+def _given(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f, _, _ in opts.declared(cls)}
+    return {k: v for k, v in values.items() if k in names and v is not None}
+
+
+def _apply(fns: list[F], f: F) -> F:
+    for dec in reversed(fns):
+        f = dec(f)
+    return f
+
+
+# --------------------------------------------------------------------------- --config files
+def _read_config_file(path: Path) -> Any:
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib  # type: ignore[import-not-found]
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        return tomllib.loads(path.read_text())
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(path.read_text())
+    raise click.BadParameter(f"config file must end in .yaml, .yml or .toml, got {path.name!r}")
+
+
 def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Eager ``--config`` callback: the file's keys become defaults of the command's options."""
     if value is None:
@@ -33,25 +125,26 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     if not path.is_file():
         raise click.BadParameter(f"config file {value!r} does not exist", ctx=ctx, param=param)
     try:
-        if path.suffix.lower() == ".toml":
-            try:
-                import tomllib  # type: ignore[import-not-found]
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            data = tomllib.loads(path.read_text())
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text()) or {}
-        else:
-            raise click.BadParameter(f"config file must end in .yaml, .yml or .toml, got {path.name!r}", ctx=ctx, param=param)
-    except click.BadParameter:
+        data = _read_config_file(path)
+    except click.BadParameter as e:
+        e.ctx, e.param = ctx, param
         raise
     except Exception as e:  # noqa: BLE001 - reported as a usage error naming the file
         raise click.BadParameter(f"cannot parse {value}: {e}", ctx=ctx, param=param) from e
+    if data is None or data == {}:
+        raise click.BadParameter(f"{value} is empty: it sets no option. Remove --config or put `option: value` lines in it",
+                                 ctx=ctx, param=param)
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value} must hold a mapping of option names to values", ctx=ctx, param=param)
-    known = {p.name for p in ctx.command.params}
+    method = (ctx.parent.info_name if ctx.parent is not None else None) or ""
+    if "options" in data and "method" in data:  # a run's config.yaml
+        if data["method"] != method:
+            raise click.BadParameter(f"{value} is the configuration of a {data['method']!r} run; use "
+                                     f"`bilevel {data['method']} {ctx.info_name} --config {value}`", ctx=ctx, param=param)
+        if not isinstance(data["options"], dict):
+            raise click.BadParameter(f"{value}: 'options' must be a mapping", ctx=ctx, param=param)
+        data = data["options"]
+    known = {p.name for p in ctx.command.params if p.name not in ("config",)}
     normalized = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(k for k in normalized if k not in known)
     if unknown:
@@ -60,207 +153,92 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
-def _positive(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be > 0, got {value}", ctx=ctx, param=param)
-    return value
+config_option = click.option("--config", type=click.Path(dir_okay=False), callback=_load_config_file, is_eager=True,
+                             expose_value=False, help="YAML or TOML file with option values (a run's config.yaml "
+                             "repeats that run); flags override it.")
 
 
-def _hypergrad(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is None:
-        return None
-    from bilevel.hypergrad import from_string
+# --------------------------------------------------------------------------- errors -> messages and exit codes
+def _usage(e: BaseException) -> click.ClickException:
+    option = getattr(e, "option", None)
+    if option:
+        return click.BadParameter(str(e), param_hint=f"'--{option.replace('_', '-')}'")
+    return click.UsageError(str(e))
+
+
+@contextmanager
+def _errors_to_messages(out: str | None = None, command: list[str] | None = None) -> Iterator[None]:
+    """Library errors become one message and a documented exit code (see the module docstring)."""
+    from bilevel.checkpoint import CheckpointError
+    from bilevel.data import DatasetNotFoundError
+    from bilevel.io import ModelFileError
+    from bilevel.registry import UnknownLearnerError
+    from bilevel.run_folder import RunFolderError
+    from bilevel.train import TrainingDiverged
 
     try:
-        from_string(value)
-    except (TypeError, ValueError) as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-    return value
+        yield
+    except TrainingDiverged as e:
+        raise click.ClickException(str(e)) from None
+    except (opts.OptionError, RunFolderError, CheckpointError, ModelFileError, UnknownLearnerError,
+            DatasetNotFoundError, FileNotFoundError, ValueError, TypeError) as e:
+        raise _usage(e) from None
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise click.ClickException(f"cannot write or read a file{where}: {e.strerror or e}. Free space or fix the "
+                                   "permissions, then run the same command again" +
+                                   (" with --resume" if out else "")) from None
+    except KeyboardInterrupt:
+        msg = "Interrupted."
+        if out is not None:
+            from bilevel.checkpoint import checkpoint_info
+
+            try:
+                info = checkpoint_info(out)
+            except (ValueError, OSError):
+                info = None
+            if info:
+                cmd = list(command or sys.argv)
+                resume_cmd = shlex.join(["bilevel", *cmd[1:], *([] if "--resume" in cmd else ["--resume"])])
+                msg += (f" The last checkpoint is {Path(out) / 'checkpoint.pt'} (iteration {info['iteration']}); "
+                        f"continue with:\n  {resume_cmd}")
+            else:
+                msg += " No checkpoint was written yet."
+        click.echo(msg, err=True)
+        sys.exit(130)
 
 
-def _schedule(ctx: click.Context, param: click.Parameter, value: str | None) -> list[tuple[int, float]]:
-    if not value:
-        return []
-    out = []
-    for part in value.split(","):
-        try:
-            it, factor = part.split(":")
-            out.append((int(it), float(factor)))
-        except ValueError:
-            raise click.BadParameter(f"expected ITER:FACTOR[,ITER:FACTOR…], got {value!r}", ctx=ctx, param=param) from None
-    return out
-
-
-def _options(*decorators: F) -> F:
-    def apply(f: F) -> F:
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-
-    return apply
-
-
-POS_INT = click.IntRange(min=1)
-
-config_option = click.option("--config", type=click.Path(dir_okay=False), callback=_load_config_file, is_eager=True,
-                             expose_value=False, help="YAML or TOML file with option defaults (flags override it).")
-
-data_options = _options(
-    click.option("--dataset", default="glyphs", show_default=True,
-                 help="omniglot, mini-imagenet, tiered-imagenet, cifar-fs, fc100, sinusoid or glyphs (offline)."),
-    click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder holding the dataset files."),
-    click.option("--ways", type=POS_INT, default=5, show_default=True, help="N classes per episode."),
-    click.option("--shots", type=POS_INT, default=1, show_default=True, help="K support examples per class (test time)."),
-    click.option("--train-shots", type=POS_INT, default=None, help="K at training time (default: --shots)."),
-    click.option("--train-ways", type=POS_INT, default=None, help="N at training time (default: --ways)."),
-    click.option("--queries", type=POS_INT, default=15, show_default=True, help="Q query examples per class."),
-    click.option("--meta-batch", type=POS_INT, default=4, show_default=True, help="Episodes per outer step."),
-    click.option("--rotations/--no-rotations", default=None, help="Omniglot: 90° rotations as new classes."),
-    click.option("--split-by", type=click.Choice(["alphabet", "character"]), default=None, help="Omniglot class split."),
-)
-
-run_options = _options(
-    click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, …"),
-    click.option("--threads", type=POS_INT, default=None, help="torch CPU threads (default: torch's)."),
-)
-task_threads_option = click.option(
-    "--task-threads", type=POS_INT, default=1, show_default=True,
-    help="Split each meta-batch over this many CPU threads (one learner replica each).")
-
-inner_options = _options(
-    click.option("--inner-steps", type=POS_INT, default=None, help="Inner steps T at training time."),
-    click.option("--inner-lr", type=float, default=None, callback=_positive, help="Inner step size (initial value if learned)."),
-    click.option("--hypergrad", default=None, callback=_hypergrad,
-                 help="reverse, first-order, truncated:K, checkpointed:K, forward, implicit[-cg:K], no-inner, …"),
-)
-
-train_options = _options(
-    click.option("--iterations", type=POS_INT, default=1000, show_default=True, help="Outer steps."),
-    click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="Outer optimizer (default per method)."),
-    click.option("--outer-lr", type=float, default=None, callback=_positive, help="Outer learning rate (default per method)."),
-    click.option("--weight-decay", type=float, default=None, help="Outer weight decay (default per method)."),
-    click.option("--lr-schedule", default=None, callback=_schedule, help="Piecewise factors, e.g. 2000:0.1,4000:0.01."),
-    click.option("--grad-clip", type=float, default=None, callback=_positive, help="Clip the meta-gradient norm."),
-    click.option("--augment/--no-augment", default=False, show_default=True, help="Crop/flip/colour-jitter training images."),
-    click.option("--val-every", type=POS_INT, default=500, show_default=True),
-    click.option("--val-episodes", type=POS_INT, default=100, show_default=True),
-    click.option("--test-episodes", type=POS_INT, default=600, show_default=True),
-    click.option("--checkpoint-every", type=POS_INT, default=100, show_default=True),
-    click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder."),
-    click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint."),
-    click.option("--progress/--no-progress", default=True, show_default=True),
-    click.option("--tensorboard/--no-tensorboard", default=True, show_default=True, help="Also log TensorBoard events."),
-)
-
-
-@dataclass
-class Method:
-    """A CLI method: learner factory, one-line description, its own options and defaults."""
-
-    factory: str
-    help: str
-    options: list[F] = field(default_factory=list)
-    inner: bool = True  # takes --inner-steps / --inner-lr / --hypergrad
-    defaults: dict[str, Any] = field(default_factory=dict)  # optimizer/outer-lr/weight-decay defaults
-    to_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda o: o
-
-
-def _gradient_config(o: dict[str, Any]) -> dict[str, Any]:
-    """Options of the optimisation-based learners -> learner kwargs (None = learner default)."""
-    keys = ("backbone", "inner_steps", "inner_lr", "eval_steps", "hypergrad")
-    cfg = {k: o[k] for k in keys if o.get(k) is not None}
-    if o.get("first_order"):
-        if o.get("hypergrad") not in (None, "first-order"):
-            raise click.UsageError("--first-order conflicts with --hypergrad " + str(o["hypergrad"]))
-        cfg["hypergrad"] = "first-order"
-    if o.get("filters") is not None:
-        cfg["backbone_options"] = {"filters": o["filters"]}
-    return cfg
-
-
-backbone_option = click.option("--backbone", default=None, help="conv4, conv4-32, resnet12, mlp (default per dataset).")
-filters_option = click.option("--filters", type=POS_INT, default=None, help="Conv-4 filters (64 or 32).")
-eval_steps_option = click.option("--eval-steps", type=POS_INT, default=None, help="Inner steps at test time.")
-
-METHODS: dict[str, Method] = {
-    "maml": Method(
-        "learners.maml:MAML", "MAML (Finn et al. 2017): a learned initialisation adapted by gradient descent.",
-        [backbone_option, filters_option, eval_steps_option,
-         click.option("--first-order", is_flag=True, help="First-order MAML (same as --hypergrad first-order).")],
-        to_config=_gradient_config),
-    "meta-sgd": Method(
-        "learners.meta_sgd:MetaSGD", "Meta-SGD (Li et al. 2017): learned initialisation and elementwise step sizes.",
-        [backbone_option, filters_option, eval_steps_option], to_config=_gradient_config),
-    "meta-curvature": Method(
-        "learners.meta_curvature:MetaCurvature",
-        "Meta-Curvature (Park & Oliva 2019): gradients transformed by learned curvature matrices.",
-        [backbone_option, filters_option, eval_steps_option], to_config=_gradient_config),
-    "meta-lstm": Method(
-        "learners.meta_lstm:MetaLSTM", "Meta-LSTM (Ravi & Larochelle 2017): an LSTM meta-learner as the inner optimiser.",
-        [backbone_option, filters_option, eval_steps_option,
-         click.option("--hidden-size", type=POS_INT, default=None, help="Hidden units of the first LSTM layer.")],
-        to_config=lambda o: {**_gradient_config(o), **({"hidden_size": o["hidden_size"]} if o.get("hidden_size") else {})}),
-    "hyper-repr": Method(
-        "learners.hyper_repr:HyperRepr",
-        "Hyper-Representation (Franceschi et al. 2018): a meta-learned representation with logistic-regression heads.",
-        [backbone_option, filters_option, eval_steps_option,
-         click.option("--variant", type=click.Choice(["bilevel", "approx", "classic"]), default=None,
-                      help="bilevel (default), approx (NoInner) or classic (joint multitask), App. A.")],
-        to_config=lambda o: {**_gradient_config(o), **({"variant": o["variant"]} if o.get("variant") else {})}),
-    "metaoptnet": Method(
-        "learners.metaoptnet:MetaOptNet", "MetaOptNet (Lee et al. 2019): differentiable convex heads on a backbone.",
-        [backbone_option, filters_option,
-         click.option("--head", type=click.Choice(["svm", "ridge", "r2d2", "proto"]), default="svm", show_default=True),
-         click.option("--C", "C", type=float, default=None, callback=_positive, help="SVM regularisation C."),
-         click.option("--lam", type=float, default=None, callback=_positive, help="Ridge/R2D2 regularisation λ."),
-         click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=None),
-         click.option("--max-iter", type=POS_INT, default=None, help="QP iterations at training time."),
-         click.option("--eval-max-iter", type=POS_INT, default=None, help="QP iterations at test time (paper: 3).")],
-        inner=False, defaults={"optimizer": "sgd", "outer_lr": 0.1, "weight_decay": 5e-4},
-        to_config=lambda o: {k: o[k] for k in ("backbone", "head", "C", "lam", "label_smoothing", "max_iter", "eval_max_iter")
-                             if o.get(k) is not None} | ({"backbone_options": {"filters": o["filters"]}} if o.get("filters") else {})),
-}
-
-
-def _data_config(o: dict[str, Any]) -> Any:
-    from bilevel.train import DataConfig
-
-    options: dict[str, Any] = {}
-    if o.get("rotations") is not None:
-        options["rotations"] = o["rotations"]
-    if o.get("split_by") is not None:
-        options["split_by"] = o["split_by"]
-    if options and o["dataset"] != "omniglot":
-        raise click.UsageError("--rotations/--split-by apply to --dataset omniglot only")
-    return DataConfig(dataset=o["dataset"], data_root=o["data_root"], ways=o["ways"], shots=o["shots"],
-                      queries=o["queries"], train_shots=o["train_shots"], train_ways=o["train_ways"],
-                      meta_batch=o["meta_batch"], augment=o.get("augment", False), options=options)
-
-
-def _library_errors() -> tuple[type[BaseException], ...]:
-    from bilevel.data import DatasetNotFoundError
-
-    return (DatasetNotFoundError, FileNotFoundError, FileExistsError, ValueError, TypeError)
-
-
-# --------------------------------------------------------------------------- data-parallel training
+# --------------------------------------------------------------------------- train / eval of one method
 nproc_option = click.option(
-    "--nproc", type=POS_INT, default=1, show_default=True,
+    "--nproc", type=click.IntRange(min=1), default=1, show_default=True,
     help="Train with N processes on this machine (torchrun's launcher; gloo on CPU, NCCL with --device cuda, "
          "rank r on cuda:r); --meta-batch must be a multiple of N. Several nodes: run torchrun yourself.")
 
 
-def _run_fit(factory: str, learner_config: dict[str, Any], data: Any, cfg: Any, resume: bool | str) -> tuple[str, Any]:
-    """``fit`` with its expected failures as values: ("ok", metrics), ("usage" | "error", message)."""
-    from bilevel.train import fit
+def _run_fit(name: str, target: str, options: dict[str, Any], data: dict[str, Any], train: dict[str, Any],
+             resume: bool | str, command: list[str]) -> tuple[str, Any]:
+    """``fit`` with its expected failures as values: ("ok", metrics), ("usage" | "error", message, option)."""
+    from bilevel.train import DataConfig, TrainConfig, TrainingDiverged, fit
 
     try:
-        return "ok", fit(factory, learner_config, data, cfg, resume=resume)
-    except _library_errors() as e:
-        return "usage", str(e)
-    except FloatingPointError as e:
-        return "error", str(e)
+        registry.get_learner(name)
+    except registry.UnknownLearnerError:  # a learner registered from Python in the parent: same class, by its path
+        module, _, attr = target.partition(":")
+        import importlib
+
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        registry.register_learner(name, obj)
+    cls = registry.get_learner(name).factory
+    try:
+        config = opts.from_json(cls.Config, options)
+        return "ok", fit(name, config, opts.from_json(DataConfig, data), opts.from_json(TrainConfig, train),
+                         resume=resume, command=command)
+    except TrainingDiverged as e:
+        return "error", (str(e), None)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        return "usage", (str(e), getattr(e, "option", None))
 
 
 def _train_worker(*args: Any) -> tuple[str, Any]:
@@ -274,6 +252,7 @@ def _launch_train(args: tuple[Any, ...], nproc: int, out: str, threads: int | No
     """Run ``_train_worker(*args)`` on ``nproc`` local ranks; a failed rank becomes a ClickException."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from bilevel.checkpoint import checkpoint_info
     from bilevel.distributed import launch
 
     try:
@@ -287,128 +266,168 @@ def _launch_train(args: tuple[Any, ...], nproc: int, out: str, threads: int | No
                 msg = f.message.get("message", f.message) if isinstance(f.message, dict) else f.message
                 trace = f.message.get("extraInfo", {}).get("py_callstack", "") if isinstance(f.message, dict) else ""
                 lines.append(f"rank {rank} (pid {f.pid}) exited with code {f.exitcode}: {msg}\n{trace}".rstrip())
-        from bilevel.distributed import checkpoint_info
-
         info = checkpoint_info(out)
         hint = (f"The last checkpoint {Path(out) / 'checkpoint.pt'} (iteration {info['iteration']}) is intact: "
                 "run the same command with --resume to continue." if info else "No checkpoint was written yet.")
         raise click.ClickException("\n".join([*lines, "The other ranks were stopped (no restart).", hint])) from None
 
 
-def _check_nproc(nproc: int, o: dict[str, Any]) -> None:
+def _check_nproc(nproc: int, data: Any, cfg: Any, resume: bool) -> None:
     """Usage errors of ``--nproc`` found before any process is started."""
-    if o["meta_batch"] % nproc:
-        raise click.UsageError(f"--meta-batch {o['meta_batch']} is not divisible by --nproc {nproc}: each process "
-                               "takes an equal share of the meta-batch; choose a multiple of --nproc")
-    from bilevel.distributed import under_launcher
+    from bilevel.distributed import under_launcher, world_size_mismatch
 
+    if data.meta_batch % nproc:
+        raise click.BadParameter(f"--meta-batch {data.meta_batch} is not divisible by --nproc {nproc}: each process "
+                                 "takes an equal share of the meta-batch; choose a multiple of --nproc",
+                                 param_hint="'--meta-batch'")
     if nproc > 1 and under_launcher():
         raise click.UsageError(f"--nproc {nproc} given but this process already runs under torchrun "
                                f"(WORLD_SIZE={os.environ['WORLD_SIZE']}); use one or the other")
-    if nproc > 1 and o["device"].startswith("cuda"):
+    if nproc > 1 and cfg.device.startswith("cuda"):
         import torch
 
-        if o["device"] != "cuda":
-            raise click.UsageError(f"--nproc {nproc} with --device {o['device']}: pass --device cuda "
-                                   "(rank r uses cuda:r)")
+        if cfg.device != "cuda":
+            raise click.UsageError(f"--nproc {nproc} with --device {cfg.device}: pass --device cuda (rank r uses cuda:r)")
         if torch.cuda.device_count() < nproc:
             raise click.UsageError(f"--nproc {nproc} with --device cuda needs {nproc} GPUs; "
                                    f"{torch.cuda.device_count()} visible")
-    if o["resume"] and nproc > 1:  # (fit itself refuses it too, after the processes have started)
-        from bilevel.distributed import checkpoint_info, world_size_mismatch
+    if resume and nproc > 1:  # (fit itself refuses it too, after the processes have started)
+        from bilevel.checkpoint import checkpoint_info
 
-        info = checkpoint_info(o["out"])
+        info = checkpoint_info(cfg.out)
         if info is not None and info["world_size"] != nproc:
-            raise click.UsageError(world_size_mismatch(o["out"], info["world_size"], nproc))
+            raise click.UsageError(world_size_mismatch(cfg.out, info["world_size"], nproc))
 
 
-def _make_method_group(name: str, m: Method) -> click.Group:
-    @click.group(name=name, help=m.help, short_help=m.help.split(":")[0])
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise click.BadParameter(f"{device!r} is not a torch device; use cpu, cuda or cuda:N",
+                                 param_hint="'--device'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{device!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                                 f"{'CPU build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu",
+                                 param_hint="'--device'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise click.BadParameter(f"{device!r}: only {torch.cuda.device_count()} GPU(s) visible", param_hint="'--device'")
+    if dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{device!r}: bilevel runs on cpu or cuda", param_hint="'--device'")
+
+
+def method_group(name: str, cls: Any) -> click.Group:
+    """``bilevel <name> train|eval``, generated from the learner class's declared ``Config``."""
+    from bilevel.train import DataConfig, TrainConfig
+
+    summary = cls.summary()
+
+    @click.group(name=name, help=summary, short_help=summary.split(":")[0][:60])
     def group() -> None:
         pass
 
+    seen: dict[str, str] = {}
+    for c in (DataConfig, TrainConfig, cls.Config):
+        for f, _, _ in opts.cli_fields(c):
+            if f.name in seen and seen[f.name] != c.__name__:
+                raise TypeError(f"option {f.name!r} of {c.__name__} collides with {seen[f.name]}")
+            seen[f.name] = c.__name__
+
     def train(**o: Any) -> None:
-        from bilevel.train import TrainConfig
+        from bilevel.train import DataConfig, TrainConfig
 
-        nproc = o.pop("nproc")
-        _check_nproc(nproc, o)
-        data = _data_config(o)
-        learner_config = m.to_config(o)
-        cfg = TrainConfig(
-            iterations=o["iterations"], optimizer=o["optimizer"] or m.defaults.get("optimizer", "adam"),
-            lr=o["outer_lr"] or m.defaults.get("outer_lr", 1e-3),
-            weight_decay=o["weight_decay"] if o["weight_decay"] is not None else m.defaults.get("weight_decay", 0.0),
-            lr_schedule=o["lr_schedule"], grad_clip=o["grad_clip"], val_every=o["val_every"],
-            val_episodes=o["val_episodes"], test_episodes=o["test_episodes"], checkpoint_every=o["checkpoint_every"],
-            seed=o["seed"], device=o["device"], out=o["out"], progress=o["progress"], threads=o["threads"],
-            tensorboard=o["tensorboard"], task_threads=o["task_threads"])
-        resume: bool | str = o["resume"]
-        if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            resume = "auto"  # restarted by torchrun --max-restarts: continue from the last checkpoint if any
-        args = (m.factory, learner_config, data, cfg, resume)
-        status, metrics = _run_fit(*args) if nproc == 1 else _launch_train(args, nproc, cfg.out, cfg.threads)
-        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 speaks for all
-            sys.exit({"ok": 0, "usage": 2}.get(status, 1))
-        if status == "usage":
-            raise click.UsageError(metrics)
-        if status == "error":
-            raise click.ClickException(metrics)
-        t = metrics["test"]
-        click.echo(f"test {t['metric']}: {t['mean']:.4f} ± {t['ci95']:.4f} ({t['episodes']} episodes); "
-                   f"model: {Path(cfg.out) / 'model.pt'}")
+        nproc, resume, out = o.pop("nproc"), o.pop("resume"), o.pop("out")
+        command = list(sys.argv)
+        with _errors_to_messages(out, command):
+            data = opts.from_text(DataConfig, _given(DataConfig, o))
+            cfg = opts.from_text(TrainConfig, {**_given(TrainConfig, o), "out": out}).resolved(cls)
+            config = opts.from_text(cls.Config, _given(cls.Config, o))
+            _check_nproc(nproc, data, cfg, resume)
+            _check_device(cfg.device)
+            if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+                resume = "auto"  # restarted by torchrun --max-restarts: continue from the last checkpoint if any
+            args = (name, registry.get_learner(name).target, opts.to_json(config), opts.to_json(data),
+                    opts.to_json(cfg), resume, command)
+            status, result = _run_fit(*args) if nproc == 1 else _launch_train(args, nproc, cfg.out, cfg.threads)
+            if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 speaks for all
+                sys.exit({"ok": 0, "usage": 2}.get(status, 1))
+            if status == "usage":
+                message, option = result
+                raise _usage(opts.OptionError(option, message) if option else ValueError(message))
+            if status == "error":
+                raise click.ClickException(result[0])
+        _echo_result("test", result["test"], f"model: {Path(cfg.out) / 'model.pt'}")
 
-    params = [config_option, data_options, run_options, train_options, nproc_option, task_threads_option, *m.options]
-    if m.inner:
-        params.append(inner_options)
-    for dec in reversed(params):
-        train = dec(train)
-    group.command("train", help=f"Meta-train {name} and test it; writes model.pt, metrics.json, log.csv, curves.png.")(train)
+    params = [config_option, *declared_options(DataConfig), *declared_options(TrainConfig), *declared_options(cls.Config),
+              click.option("--out", type=click.Path(), required=True, help="Output folder (a new one, or the run to resume)."),
+              click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint."),
+              nproc_option]
+    group.command("train", epilog=EPILOG,
+                  help=f"Meta-train {name} and test it; writes config.yaml, model.pt, metrics.json, log.csv, "
+                       "curves.png.")(_apply(params, train))
 
     def evaluate(**o: Any) -> None:
-        from bilevel.train import evaluate_model
+        from bilevel.train import DataConfig, evaluate_model
 
-        data = _data_config(o)
-        overrides = {}
-        if o.get("eval_steps") is not None:
-            overrides["eval_steps"] = o["eval_steps"]
-        if o.get("eval_max_iter") is not None:
-            overrides["eval_max_iter"] = o["eval_max_iter"]
-        try:
-            result = evaluate_model(o["checkpoint"], data, o["episodes"], seed=o["seed"], device=o["device"],
-                                    overrides=overrides or None, progress=o["progress"])
-        except _library_errors() as e:
-            raise click.UsageError(str(e)) from None
-        click.echo(f"{result['metric']}: {result['mean']:.4f} ± {result['ci95']:.4f} ({result['episodes']} episodes)")
-        if o["out"]:
-            out = Path(o["out"])
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "eval.json").write_text(json.dumps({"test": result}, indent=2))
+        with _errors_to_messages():
+            if o["device"] is not None:
+                _check_device(o["device"])
+            if o["threads"] is not None:
+                import torch
+
+                torch.set_num_threads(o["threads"])
+            result = evaluate_model(o["checkpoint"], o["episodes"], data=_given(DataConfig, o),
+                                    overrides=_given(cls.Config, o), method=name, seed=o["seed"],
+                                    device=o["device"] or "cpu", progress=o["progress"] is not False)
+            if o["out"]:
+                from bilevel._atomic import atomic_write_json
+
+                atomic_write_json(Path(o["out"]) / "eval.json", {"test": result})
+        _echo_result(f"{result['dataset']} test", result, "")
 
     eval_params = [
-        config_option, data_options, run_options,
+        config_option, *declared_options(DataConfig, show_defaults=False),
         click.option("--checkpoint", type=click.Path(exists=True), required=True, help="model.pt (or its run folder)."),
-        click.option("--episodes", type=POS_INT, default=600, show_default=True),
+        click.option("--episodes", type=click.IntRange(min=1), default=600, show_default=True),
+        click.option("--seed", type=int, default=None, help="Seed of the test episodes [default: the model's]."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1, … [default: cpu]."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads."),
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Also write OUT/eval.json."),
-        click.option("--progress/--no-progress", default=True, show_default=True),
+        click.option("--progress/--no-progress", default=None, help="Show a progress bar."),
+        *declared_options(cls.Config, eval_only=True, show_defaults=False),
     ]
-    if m.inner:
-        eval_params.append(click.option("--eval-steps", type=POS_INT, default=None, help="Inner steps at test time."))
-    if name == "metaoptnet":
-        eval_params.append(click.option("--eval-max-iter", type=POS_INT, default=None, help="QP iterations at test time."))
-    for dec in reversed(eval_params):
-        evaluate = dec(evaluate)
-    group.command("eval", help=f"Evaluate a trained {name} model: mean accuracy (or MSE) ± 95% CI.")(evaluate)
+    group.command("eval", epilog=EPILOG,
+                  help=f"Evaluate a trained {name} model: mean accuracy (or MSE) ± 95% CI. The dataset, ways, "
+                       "shots and queries default to the model's own.")(_apply(eval_params, evaluate))
     return group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _echo_result(label: str, t: dict[str, Any], tail: str) -> None:
+    line = f"{label} {t['metric']}: {t['mean']:.4f} ± {t['ci95']:.4f} ({t['episodes']} episodes"
+    if t.get("diverged"):
+        line += f"; {t['diverged']} diverged, excluded; median {t['median']:.4f}"
+    click.echo(line + ")" + (f"; {tail}" if tail else ""))
+
+
+class _Main(click.Group):
+    """The ``bilevel`` group: fixed commands plus one group per registered learner (built on demand)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(registry.learner_names()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None or cmd_name not in registry.learner_names():
+            return cmd
+        entry = registry.get_learner(cmd_name)
+        return method_group(cmd_name, entry.factory) if entry.is_meta_learner else None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="bilevel")
 def main() -> None:
     """bilevel: bilevel optimization and meta-learning for PyTorch."""
-
-
-for _name, _method in METHODS.items():
-    main.add_command(_make_method_group(_name, _method))
 
 
 @main.command("plot")
@@ -424,7 +443,7 @@ def plot(out: str) -> None:
     click.echo(str(path))
 
 
-__all__ = ["METHODS", "main"]
+__all__ = ["EXIT_CODES", "main", "method_group"]
 
 
 # ---- hpo (issue 6): `bilevel hpo lr|l2|clean` -------------------------------------------------

@@ -44,7 +44,6 @@ __all__ = [
     "average_gradients",
     "broadcast_module",
     "broadcast_object",
-    "checkpoint_info",
     "init_from_env",
     "launch",
     "leave_group",
@@ -208,15 +207,6 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=src)
-
-
-def checkpoint_info(out: str | os.PathLike) -> dict[str, int] | None:
-    """``{"world_size", "iteration"}`` of ``out/checkpoint.pt`` (``None``: no checkpoint)."""
-    path = Path(out) / "checkpoint.pt"
-    if not path.exists():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return {"world_size": int(ckpt["identity"].get("world_size", 1)), "iteration": int(ckpt["iteration"])}
 
 
 def world_size_mismatch(out: str | os.PathLike, written_by: int, now: int) -> str:

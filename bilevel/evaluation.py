@@ -1,8 +1,17 @@
-"""Few-shot evaluation: mean over test episodes with a 95% confidence interval.
+"""Few-shot evaluation: the one evaluator of validation, test and ``eval``.
 
 As reported in the papers (e.g. MetaOptNet, Tables 1-3): ``mean +- 1.96 * std / sqrt(N)`` over
 N test episodes, ``std`` being the population standard deviation (``np.std``, as the
 MetaOptNet and ProtoNets evaluation code compute it).
+
+One episode-selection rule: episode ``e`` (e = 0, 1, …) is episode 0 of meta-batch
+``start + e`` of the sampler — the same episodes for every learner, every call and every
+training meta-batch, given the sampler's seed. One metric naming: ``"accuracy"`` (fraction in
+[0, 1]) or ``"mse"``.
+
+An episode whose adaptation or prediction is not finite (a diverging inner loop) is recorded as
+*diverged*; it never aborts the evaluation. The result then reports the mean ± CI and the median
+over the finite episodes and the number ``diverged``.
 """
 from __future__ import annotations
 
@@ -11,9 +20,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["episode_metric", "evaluate", "mean_ci"]
+from bilevel._engine import NonFiniteError
+from bilevel.distributed import world
+
+__all__ = ["episode_metric", "evaluate", "evaluate_learner", "mean_ci", "summarize"]
 
 
 def mean_ci(values: Sequence[float] | Tensor) -> tuple[float, float]:
@@ -57,6 +70,94 @@ def episode_metric(output: Tensor, target: Tensor, metric: str) -> float:
     raise ValueError(f"metric must be 'accuracy' or 'mse', got {metric!r}")
 
 
+def summarize(values: Sequence[float] | Tensor, metric: str) -> dict[str, Any]:
+    """The evaluation record of per-episode values (NaN marks a diverged episode).
+
+    Returns:
+        ``{"metric", "mean", "ci95", "median", "episodes", "diverged"}``: mean ± 95% CI and median
+        over the finite episodes (NaN if none is finite), ``episodes`` the number evaluated.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    finite = torch.isfinite(v)
+    ok = v[finite]
+    if ok.numel():
+        mean, ci = mean_ci(ok)
+        median = float(ok.median())
+    else:
+        mean = ci = median = math.nan
+    return {"metric": metric, "mean": mean, "ci95": ci, "median": median, "episodes": int(v.numel()),
+            "diverged": int((~finite).sum())}
+
+
+def _finite_rows(pred: Tensor) -> Tensor:
+    return torch.isfinite(pred.detach()).reshape(pred.shape[0], -1).all(1)
+
+
+def _learner_values(learner: Any, ep: Any) -> Tensor:
+    """Per-episode metric of a batch of episodes; NaN for an episode that diverged.
+
+    Episodes are run together; if that fails on a non-finite inner loss (batched tasks share one
+    loss, so one exploding task poisons its batch) they are re-run one at a time.
+    """
+    try:
+        with torch.no_grad():
+            pred = learner(ep.support_x, ep.support_y, ep.query_x, train=False)
+    except NonFiniteError:
+        if ep.support_x.shape[0] == 1:
+            return torch.full((1,), math.nan, dtype=torch.float64)
+        return torch.cat([_learner_values(learner, type(ep)(*(t[j:j + 1] for t in ep))) for j in range(ep.support_x.shape[0])])
+    values = learner.metric(pred, ep.query_y).detach().double().cpu()
+    values[~_finite_rows(pred).cpu()] = math.nan
+    return values
+
+
+def evaluate_learner(learner: Any, sampler: Any, episodes: int, *, device: str | torch.device = "cpu",
+                     progress: bool = False, desc: str = "evaluate", chunk: int = 8, start: int = 0) -> dict[str, Any]:
+    """Evaluate a :class:`bilevel.learner.MetaLearner` (test-time behaviour) on ``episodes`` episodes.
+
+    Invariant: the episodes are those of the module's rule (episode 0 of meta-batches
+    ``start, start + 1, …``); they run ``chunk`` at a time. With several processes each rank
+    evaluates every world-th episode and the values are gathered back in episode order, so the
+    result is that of one process.
+
+    Returns:
+        :func:`summarize`'s record (``metric`` is ``"mse"`` for regression learners, else
+        ``"accuracy"``).
+    """
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+    rank, size = world()
+    mine = [e for e in range(episodes) if e % size == rank]
+    values: list[Tensor] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=episodes, desc=desc, leave=False)
+    was_training = learner.training
+    learner.eval()
+    try:
+        for i in range(0, len(mine), chunk):
+            es = mine[i:i + chunk]
+            parts = [sampler.sample(start + e, indices=[0]) for e in es]
+            ep = type(parts[0])(*(torch.cat(f) for f in zip(*parts))).to(device)
+            values.append(_learner_values(learner, ep))
+            if bar is not None:
+                bar.update(len(es) * size)
+    finally:
+        learner.train(was_training)
+        if bar is not None:
+            bar.close()
+    local = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    if size > 1:  # gather the values of all ranks, back in episode order (as one process has them)
+        gathered: list[Any] = [None] * size
+        dist.all_gather_object(gathered, (mine, local))
+        local = torch.empty(episodes, dtype=torch.float64)
+        for pos, vals in gathered:
+            local[pos] = vals
+    return summarize(local, "mse" if learner.task == "regression" else "accuracy")
+
+
 def evaluate(
     predict: Callable[[Tensor, Tensor, Tensor], Tensor],
     sampler: Any,
@@ -67,11 +168,7 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Run ``predict`` on ``episodes`` test episodes and report mean +- 95% CI.
-
-    Invariant: the episodes are those of meta-batches ``start, start + 1, ...`` of ``sampler``
-    (whatever its current position), so two evaluations with the same sampler seed see the
-    same tasks.
+    """Run ``predict`` on ``episodes`` test episodes and report mean ± 95% CI (same rule as the learners').
 
     Args:
         predict: ``predict(support_x, support_y, query_x)`` for ONE episode -> logits
@@ -85,8 +182,7 @@ def evaluate(
         progress: show a tqdm progress bar.
 
     Returns:
-        ``{"metric", "mean", "ci95", "episodes", "values"}``; accuracy is a fraction in [0, 1];
-        ``values`` holds the per-episode numbers.
+        :func:`summarize`'s record plus ``values`` (per-episode numbers, NaN where diverged).
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
@@ -98,20 +194,19 @@ def evaluate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=episodes, desc=f"evaluate ({metric})")
-    it = start
-    while len(values) < episodes:
-        take = min(sampler.meta_batch, episodes - len(values))
-        batch = sampler.sample(it, indices=list(range(take)))
+    for e in range(episodes):
+        batch = sampler.sample(start + e, indices=[0])
         if device is not None:
             batch = batch.to(device)
-        for j in range(take):
-            sx, sy, qx, qy = batch.episode(j)
-            out = predict(sx, sy, qx)
-            values.append(episode_metric(out.detach(), qy, metric))
+        sx, sy, qx, qy = batch.episode(0)
+        try:
+            out = predict(sx, sy, qx).detach()
+        except NonFiniteError:
+            values.append(math.nan)
+        else:
+            values.append(episode_metric(out, qy, metric) if bool(torch.isfinite(out).all()) else math.nan)
         if bar is not None:
-            bar.update(take)
-        it += 1
+            bar.update(1)
     if bar is not None:
         bar.close()
-    mean, ci = mean_ci(values)
-    return {"metric": metric, "mean": mean, "ci95": ci, "episodes": episodes, "values": values}
+    return {**summarize(values, metric), "values": values}

@@ -571,3 +571,38 @@ def from_string(spec: str) -> Strategy:
         f"unknown hypergradient {spec!r}; expected one of: reverse, first-order, no-inner, forward, truncated:K, "
         "checkpointed:K, implicit, implicit-cg:K, implicit-neumann:K[:ALPHA], implicit-fixed-point:K, implicit-exact"
     )
+
+
+def to_string(strategy: Strategy) -> str:
+    """The text form of ``strategy`` (inverse of :func:`from_string`); ValueError if it has none."""
+    from bilevel.linsolve import Exact, FixedPoint, Neumann
+
+    simple = {Reverse: "reverse", FirstOrder: "first-order", NoInner: "no-inner"}
+    if type(strategy) in simple:
+        text = simple[type(strategy)]
+    elif isinstance(strategy, Forward) and strategy.chunk_size is None:
+        text = "forward"
+    elif isinstance(strategy, Truncated):
+        text = f"truncated:{strategy.k}"
+    elif isinstance(strategy, Checkpointed):
+        text = f"checkpointed:{strategy.every}"
+    elif isinstance(strategy, Implicit) and strategy.condition is None and strategy.batch is None:
+        s = strategy.solver
+        if isinstance(s, CG):
+            text = f"implicit-cg:{s.maxiter}"
+        elif isinstance(s, Neumann):
+            text = f"implicit-neumann:{s.maxiter}:{s.alpha!r}"
+        elif isinstance(s, FixedPoint):
+            text = f"implicit-fixed-point:{s.maxiter}"
+        elif isinstance(s, Exact):
+            text = "implicit-exact"
+        else:
+            raise ValueError(f"{strategy!r} has no text form")
+    else:
+        raise ValueError(f"{strategy!r} has no text form (custom condition, batch or options)")
+    if from_string(text) != strategy:
+        raise ValueError(f"{strategy!r} has no text form that parses back to it")
+    return text
+
+
+__all__.append("to_string")

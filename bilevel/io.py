@@ -1,19 +1,24 @@
-"""Checkpoint and inference plumbing: atomic writes, the model file format, ``bilevel.load``.
+"""Model files and ``bilevel.load``: trained learners saved so that opening them never runs code.
 
-Model file format (``format = "bilevel.model"``, ``version = 1``), a dict saved with
-:func:`torch.save` whose content loads with ``torch.load(weights_only=True)``::
+Model file format (``format = "bilevel.model"``, ``version = 2``): a dict written with
+:func:`torch.save` whose content is tensors and JSON-like values only, read back with
+``torch.load(weights_only=True)`` (no pickle of arbitrary objects)::
 
-    {"format": "bilevel.model", "version": 1, "bilevel_version": "0.1.0",
-     "factory":   "learners.protonet:ProtoNet",   # import path "module:callable"
-     "config":    {...},                          # JSON-like kwargs of the factory
-     "state":     {"backbone.0.weight": Tensor, ...},
+    {"format": "bilevel.model", "version": 2, "bilevel_version": "0.2.0",
+     "learner":   "maml",                         # a name in the learner registry
+     "config":    {...},                          # JSON-like; how the registered factory rebuilds it
+     "state":     {"net.convs.0.weight": Tensor, ...},
      "transform": {"name": "omniglot", "kind": "image", "size": [28, 28], ...},
      "metadata":  {...}}                          # free JSON-like info (dataset, ways, ...)
 
-Rebuilding is ``learner = import(factory)(**config); learner.load_state_dict(state)``. The
-factory is imported lazily with :mod:`importlib`, so ``bilevel`` never imports ``learners``.
+Rebuilding resolves ``learner`` through :mod:`bilevel.registry` only — nothing named by the file
+is imported. For a :class:`bilevel.learner.MetaLearner` the config is its
+:meth:`~bilevel.learner.MetaLearner.to_json` (example shape, ways, declared options); for any
+other registered factory it is the factory's keyword arguments. Files of version 1 (which named
+an import path ``module:Class``) load when that path is the one of a registered learner, and are
+refused with a message otherwise.
 
-Learner protocol (what ``factory(**config)`` must return), see :class:`FewShotLearner`:
+Learner protocol (what a registered factory must build), see :class:`FewShotLearner`:
 
 * ``load_state_dict(state: Mapping[str, Tensor])`` -- restores everything that was trained
   (``torch.nn.Module.load_state_dict`` qualifies).
@@ -29,10 +34,9 @@ Learner protocol (what ``factory(**config)`` must return), see :class:`FewShotLe
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -40,62 +44,57 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from bilevel import registry
+from bilevel._atomic import atomic_save
+from bilevel._version import __version__
+
 __all__ = [
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
     "FewShotLearner",
     "FewShotModel",
+    "ModelFileError",
     "atomic_save",
     "load",
+    "read_torch_file",
+    "save_learner",
     "save_model",
 ]
 
 MODEL_FORMAT = "bilevel.model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` with :func:`torch.save` so that ``path`` is never seen half-written.
+class ModelFileError(ValueError):
+    """A file that is not a readable bilevel model file; the message names it and says why."""
 
-    Invariant: after the call ``path`` holds either its previous content or the complete new
-    content, never a partial file, even if the process is killed mid-write. The data goes to a
-    temporary file in the same directory, is flushed and ``fsync``-ed, then ``os.replace``-d over
-    ``path`` (atomic on POSIX and Windows); the directory entry is ``fsync``-ed where supported.
 
-    Args:
-        obj: anything :func:`torch.save` accepts (prefer tensors, dicts, lists, str, numbers so
-            that ``torch.load(weights_only=True)`` can read it back).
-        path: destination file; its parent directory is created if missing.
+def read_torch_file(path: Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear message for every way it can fail.
 
-    Returns:
-        The destination as a :class:`pathlib.Path`.
+    Only tensors and JSON-like containers are accepted (no code runs while reading). ``what``
+    names the file's role in messages (e.g. "model file", "checkpoint").
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ModelFileError: empty, truncated, not a PyTorch file, or holding objects other than
+            tensors and plain containers (possibly a crafted file).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelFileError(f"{what} {path} is empty (0 bytes): it was not written completely")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{what} {path} is not a PyTorch file ({size} bytes; truncated, or a text/other file)")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # persist the rename itself; not possible on every platform/filesystem
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-    return path
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reading failure becomes one message naming the file
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+            raise ModelFileError(f"{what} {path} holds Python objects other than tensors and plain containers; "
+                                 "it was not written by bilevel (or was tampered with) and is refused unread") from None
+        raise ModelFileError(f"{what} {path} cannot be read ({detail}); it may be truncated or corrupt") from None
 
 
 @runtime_checkable
@@ -107,34 +106,6 @@ class FewShotLearner(Protocol):
     def predict_episode(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int | None
     ) -> Tensor: ...
-
-
-def _check_factory(factory: str) -> tuple[str, str]:
-    if not isinstance(factory, str) or factory.count(":") != 1:
-        raise ValueError(
-            f"factory must be an import path 'package.module:callable', got {factory!r}"
-        )
-    module, attr = factory.split(":")
-    if not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
-        raise ValueError(
-            f"factory must be an import path 'package.module:callable', got {factory!r}"
-        )
-    return module, attr
-
-
-def _resolve_factory(factory: str) -> Callable[..., Any]:
-    module_name, attr = _check_factory(factory)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module {module_name!r} of factory {factory!r}: {e}") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"factory {factory!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"factory {factory!r} is not callable (got {type(obj).__name__})")
-    return obj
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -150,24 +121,26 @@ def _check_plain(value: Any, where: str) -> None:
 def save_model(
     path: str | os.PathLike,
     *,
-    factory: str,
+    learner: str,
     config: Mapping[str, Any],
     state: Mapping[str, Tensor],
-    transform: Mapping[str, Any],
+    transform: Mapping[str, Any] | str,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save a trained few-shot learner so that :func:`bilevel.load` can rebuild it.
 
-    Invariant: ``load(path).learner`` is ``import(factory)(**config)`` with ``state`` loaded,
-    and ``load(path).transform`` maps a PIL image to exactly the tensor the learner was trained
-    on (see :func:`bilevel.data.build_transform`). The file is written atomically and loads
-    with ``torch.load(weights_only=True)``.
+    Invariant: ``load(path).learner`` is the registered factory ``learner`` rebuilt from
+    ``config`` with ``state`` loaded, and ``load(path).transform`` maps a PIL image to exactly the
+    tensor the learner was trained on (see :func:`bilevel.data.build_transform`). The file is
+    written atomically and holds only tensors and JSON-like values. For a
+    :class:`~bilevel.learner.MetaLearner`, :func:`save_learner` fills ``learner`` and ``config``.
 
     Args:
         path: destination file (conventionally ``*.pt``).
-        factory: ``"package.module:callable"`` that rebuilds the learner from ``config``; it is
-            checked to be importable now so that a broken file is never written.
-        config: keyword arguments of the factory; JSON-like.
+        learner: a name in the learner registry (:func:`bilevel.register_learner`); checked now,
+            so that a file that cannot be loaded is never written.
+        config: JSON-like: the MetaLearner's ``to_json()``, or the keyword arguments of any other
+            registered factory.
         state: the learner's trained tensors, e.g. ``learner.state_dict()``.
         transform: evaluation-transform spec, e.g. ``dataset.transform`` or
             ``{"name": "omniglot", "size": 28}``; resolved to its complete form before saving.
@@ -178,12 +151,12 @@ def save_model(
     """
     from bilevel.data.transforms import resolve_transform_spec
 
-    _resolve_factory(factory)
+    registry.get_learner(learner)
     if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping of factory kwargs, got {type(config).__name__}")
+        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
     bad_keys = [k for k in config if not isinstance(k, str)]
     if bad_keys:
-        raise TypeError(f"config keys must be str (factory keyword arguments), got {bad_keys}")
+        raise TypeError(f"config keys must be str, got {bad_keys}")
     _check_plain(dict(config), "config")
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a mapping str -> Tensor, got {type(state).__name__}")
@@ -193,19 +166,24 @@ def save_model(
     spec = resolve_transform_spec(transform)
     meta = dict(metadata or {})
     _check_plain(meta, "metadata")
-    from bilevel import __version__
-
     payload = {
         "format": MODEL_FORMAT,
         "version": MODEL_FORMAT_VERSION,
         "bilevel_version": __version__,
-        "factory": factory,
+        "learner": learner,
         "config": dict(config),
         "state": {k: v.detach().cpu().clone() for k, v in state.items()},
         "transform": spec,
         "metadata": meta,
     }
     return atomic_save(payload, path)
+
+
+def save_learner(path: str | os.PathLike, learner: Any, *, transform: Mapping[str, Any] | str,
+                 metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save a registered :class:`~bilevel.learner.MetaLearner` instance (name and config from the registry)."""
+    return save_model(path, learner=registry.name_of(type(learner)), config=learner.to_json(),
+                      state=learner.state_dict(), transform=transform, metadata=metadata)
 
 
 def _as_batch(x: Any, transform: Callable[[Any], Tensor], name: str) -> Tensor:
@@ -224,11 +202,12 @@ class FewShotModel:
     """A trained few-shot learner rebuilt from a model file (returned by :func:`bilevel.load`).
 
     Attributes:
-        learner: the object built by the factory, with the trained state loaded.
+        learner: the object built by the registered factory, with the trained state loaded.
+        name: the learner's registered name.
         transform: evaluation transform, PIL image -> float tensor [C, H, W] (classification)
             or number/array -> float tensor [in_features] (regression).
         transform_spec: the resolved spec the transform was built from.
-        factory, config, metadata: as saved.
+        config, metadata: as saved.
         task: ``"classification"`` or ``"regression"``.
         example_shape: per-example input shape the learner expects, e.g. ``(1, 28, 28)``.
         device: where inputs are moved before prediction.
@@ -238,7 +217,7 @@ class FewShotModel:
         self,
         learner: Any,
         *,
-        factory: str,
+        name: str,
         config: dict[str, Any],
         transform_spec: dict[str, Any],
         metadata: dict[str, Any],
@@ -247,7 +226,7 @@ class FewShotModel:
         from bilevel.data.transforms import build_transform, example_shape
 
         self.learner = learner
-        self.factory = factory
+        self.name = name
         self.config = config
         self.metadata = metadata
         self.transform_spec = transform_spec
@@ -258,7 +237,7 @@ class FewShotModel:
 
     def __repr__(self) -> str:
         return (
-            f"FewShotModel(factory={self.factory!r}, task={self.task!r}, "
+            f"FewShotModel(learner={self.name!r}, task={self.task!r}, "
             f"example_shape={self.example_shape}, transform={self.transform_spec['name']!r})"
         )
 
@@ -327,20 +306,47 @@ class FewShotModel:
         out = self.learner.predict_episode(sx.to(dev), sy.to(dev), qx.to(dev), n_way)
         if not isinstance(out, Tensor):
             raise TypeError(
-                f"{self.factory}.predict_episode returned {type(out).__name__}, expected a Tensor"
+                f"{self.name}.predict_episode returned {type(out).__name__}, expected a Tensor"
             )
         n_query = qx.shape[0]
         if self.task == "classification" and tuple(out.shape) != (n_query, n_way):
             raise ValueError(
-                f"{self.factory}.predict_episode returned shape {tuple(out.shape)}, "
+                f"{self.name}.predict_episode returned shape {tuple(out.shape)}, "
                 f"expected [n_query, N] = [{n_query}, {n_way}]"
             )
         if self.task == "regression" and (out.ndim != 2 or out.shape[0] != n_query):
             raise ValueError(
-                f"{self.factory}.predict_episode returned shape {tuple(out.shape)}, "
+                f"{self.name}.predict_episode returned shape {tuple(out.shape)}, "
                 f"expected [n_query, out] with n_query = {n_query}"
             )
         return out.detach()
+
+
+def _learner_of(payload: Mapping[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """(registered name, config) of a model file of version 1 or 2; nothing is imported."""
+    version = payload.get("version")
+    if version == MODEL_FORMAT_VERSION:
+        name = payload.get("learner")
+        try:
+            registry.get_learner(name)
+        except registry.UnknownLearnerError as e:
+            raise ModelFileError(f"{path} was saved by learner {name!r}: {e}") from None
+        return name, dict(payload["config"])
+    if version == 1:  # named its factory by import path: accepted only if that is a registered learner's
+        factory = payload.get("factory")
+        name = registry.name_for_target(factory) if isinstance(factory, str) else None
+        if name is None:
+            raise ModelFileError(
+                f"{path} (model format 1) names the factory {factory!r}, which is not a registered learner; "
+                "bilevel never imports what a file names. If you trust this file and its code, register the "
+                "class first (bilevel.register_learner(name, cls)) so that its import path matches"
+            )
+        config = dict(payload["config"])
+        if registry.get_learner(name).is_meta_learner:  # v1 stored constructor kwargs; v2 the declared options
+            config = {"example_shape": config.pop("example_shape"), "ways": config.pop("ways"), "options": config}
+        return name, config
+    raise ModelFileError(f"{path} has model-format version {version!r}; this bilevel ({__version__}) reads "
+                         f"versions 1 and {MODEL_FORMAT_VERSION}")
 
 
 def load(
@@ -349,66 +355,67 @@ def load(
     device: str | torch.device = "cpu",
     config_overrides: Mapping[str, Any] | None = None,
 ) -> FewShotModel:
-    """Rebuild a trained few-shot learner saved by :func:`save_model`.
+    """Rebuild a trained few-shot learner saved by :func:`save_model` — without running code from the file.
 
     Invariant: ``load(path).predict(sx, sy, qx)`` equals the saved learner's
     ``predict_episode(sx, sy, qx, N)`` (eval mode), for tensors produced by ``.transform``.
 
     Args:
-        path: a file written by :func:`save_model` (read with ``torch.load(weights_only=True)``).
+        path: a file written by :func:`save_model` (read with ``torch.load(weights_only=True)``;
+            its learner is resolved through the registry only).
         device: where the learner and the inputs of ``predict`` are placed.
-        config_overrides: entries of the saved factory config to replace before rebuilding
-            (e.g. ``{"eval_steps": 10}`` to adapt longer at test time); unknown keys are refused.
+        config_overrides: options to replace before rebuilding (e.g. ``{"eval_steps": 10}`` to
+            adapt longer at test time); validated like command-line values; unknown keys are refused.
 
     Returns:
-        A :class:`FewShotModel` with ``.transform``, ``.predict`` and ``.learner``.
+        A :class:`FewShotModel` with ``.transform``, ``.predict``, ``.learner`` and ``.name``.
+
+    Raises:
+        FileNotFoundError: no such file. ModelFileError: anything else wrong with the file.
     """
     from bilevel.data.transforms import resolve_transform_spec
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"cannot read model file {path}: {e}") from e
+    payload = read_torch_file(path, "model file")
+    if isinstance(payload, dict) and payload.get("format") == "bilevel.checkpoint":
+        raise ModelFileError(f"{path} is a training checkpoint, not a model file; load the run's model.pt "
+                             "(written at the end of training), or continue training with --resume")
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(
-            f"{path} is not a bilevel model file (missing format={MODEL_FORMAT!r}); "
-            "write it with bilevel.save_model"
-        )
-    if payload.get("version") != MODEL_FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has model-format version {payload.get('version')!r}; this bilevel reads "
-            f"version {MODEL_FORMAT_VERSION}"
-        )
-    for key in ("factory", "config", "state", "transform"):
+        raise ModelFileError(f"{path} is not a bilevel model file (no format={MODEL_FORMAT!r}); "
+                             "write model files with bilevel.save_model")
+    for key in ("config", "state", "transform"):
         if key not in payload:
-            raise ValueError(f"model file {path} lacks the key {key!r}")
-    factory = payload["factory"]
-    build = _resolve_factory(factory)
-    config = dict(payload["config"])
-    if config_overrides:
-        unknown = [k for k in config_overrides if k not in config]
-        if unknown:
-            raise ValueError(f"config_overrides {unknown} are not options of {factory} (it has {sorted(config)})")
-        config.update(config_overrides)
-    learner = build(**config)
+            raise ModelFileError(f"model file {path} lacks the key {key!r}")
+    name, config = _learner_of(payload, path)
+    entry = registry.get_learner(name)
+    if entry.is_meta_learner:
+        learner = entry.factory.from_json(config, config_overrides)
+    else:
+        if config_overrides:
+            unknown = [k for k in config_overrides if k not in config]
+            if unknown:
+                raise ValueError(f"config_overrides {unknown} are not options of {name} (it has {sorted(config)})")
+            config.update(config_overrides)
+        learner = entry.factory(**config)
     for method in ("load_state_dict", "predict_episode"):
         if not callable(getattr(learner, method, None)):
             raise TypeError(
-                f"factory {factory!r} returned {type(learner).__name__}, which lacks "
+                f"learner {name!r} built {type(learner).__name__}, which lacks "
                 f"{method}(); see bilevel.io.FewShotLearner"
             )
     dev = torch.device(device)
-    learner.load_state_dict(payload["state"])
+    try:
+        learner.load_state_dict(payload["state"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ModelFileError(f"the tensors in {path} do not fit learner {name!r} as configured in the file: "
+                             f"{str(e).splitlines()[0]}") from None
     if isinstance(learner, torch.nn.Module):
         learner.to(dev)
         learner.eval()
     spec = resolve_transform_spec(payload["transform"])
     return FewShotModel(
         learner,
-        factory=factory,
+        name=name,
         config=config,
         transform_spec=spec,
         metadata=payload.get("metadata", {}),

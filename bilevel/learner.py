@@ -1,15 +1,28 @@
 """The meta-learner protocol shared by every method in ``learners/`` and the training loop."""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bilevel import options as opts
 from bilevel.data.sampler import Episodes
 
 TASKS = ("classification", "regression")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Base of every learner's declared options (a frozen dataclass of :func:`bilevel.options.option`
+    fields); validated on construction, so a config object is always a valid one."""
+
+    def __post_init__(self) -> None:
+        opts.validate(self)
 
 
 class MetaLearner(nn.Module):
@@ -26,22 +39,78 @@ class MetaLearner(nn.Module):
     methods that do not split support/query). Module state (BatchNorm buffers) must not change
     during :meth:`forward`: the inner loops are functional (``torch.func.functional_call``).
 
+    Every learner declares its options once, as a :class:`LearnerConfig` subclass assigned to
+    the class attribute ``Config`` (fields made with :func:`bilevel.options.option`): Python
+    construction, the command line (``bilevel <name> train``), config files and model files all
+    use that declaration. Construct with keyword options (``MAML(example_shape=[1, 28, 28],
+    ways=5, inner_lr=0.4)``) or with a ready ``config=MAML.Config(...)``.
+
+    Args:
+        example_shape: per-example input shape, e.g. [C, H, W] or [D] (filled in by the loop).
+        ways: N classes for classification, ``None`` for regression.
+        config: a ``Config`` instance (instead of keyword options).
+        **options: the fields of ``Config``.
+
     Attributes:
         task: ``"classification"`` or ``"regression"``.
-        config: the JSON-like constructor arguments; ``type(self)(**config)`` rebuilds the
-            learner (used by :func:`bilevel.save_model` / :func:`bilevel.load`).
+        config: the validated ``Config`` instance.
+        example_shape, ways: as given.
     """
 
+    #: the declared options of this learner (a frozen dataclass; see bilevel.options)
+    Config: ClassVar[type] = LearnerConfig
+    #: training-loop defaults of this method for unset TrainConfig fields (optimizer, outer_lr, weight_decay)
+    train_defaults: ClassVar[Mapping[str, Any]] = {}
     task: str = "classification"
 
-    def __init__(self) -> None:
+    def __init__(self, *, example_shape: Sequence[int], ways: int | None, config: Any = None, **options: Any) -> None:
         super().__init__()
-        self.config: dict[str, Any] = {}
+        if config is None:
+            names = {f.name for f in dataclasses.fields(self.Config)}
+            unknown = sorted(k for k in options if k not in names)
+            if unknown:
+                raise opts.OptionError(unknown[0], f"{type(self).__name__} has no option {unknown[0]!r}; its options are "
+                                       f"{', '.join(sorted(names))}")
+            config = self.Config(**options)
+        elif options:
+            raise TypeError(f"{type(self).__name__}: pass either config= or keyword options, not both ({sorted(options)})")
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs config of type {self.Config.__name__}, got {type(config).__name__}")
+        if isinstance(ways, bool) or (ways is not None and (not isinstance(ways, int) or ways < 2)):
+            raise opts.OptionError("ways", f"ways must be an integer >= 2 for classification (or None for regression), got {ways!r}")
+        self.config = config
+        self.example_shape = [int(s) for s in example_shape]
+        self.ways = ways
 
-    @property
-    def factory(self) -> str:
-        """The import path ``module:Class`` that rebuilds this learner."""
-        return f"{type(self).__module__}:{type(self).__qualname__}"
+    def to_json(self) -> dict[str, Any]:
+        """What rebuilds this learner (without its tensors): JSON-able; inverse of :meth:`from_json`."""
+        return {"example_shape": list(self.example_shape), "ways": self.ways, "options": opts.to_json(self.config)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> MetaLearner:
+        """Rebuild a learner written by :meth:`to_json` (fresh parameters), with optional option overrides
+        (text or Python values, validated like command-line values)."""
+        if not isinstance(data, Mapping) or not {"example_shape", "ways", "options"} <= set(data):
+            raise ValueError(f"{cls.__name__}: a learner description needs example_shape, ways and options; got {data!r}")
+        values = dict(data["options"])
+        if overrides:
+            names = {f.name for f, _, _ in opts.declared(cls.Config)}
+            unknown = sorted(k for k in overrides if k not in names)
+            if unknown:
+                raise opts.OptionError(unknown[0], f"{unknown} are not options of {cls.__name__} (it has {sorted(names)})")
+            values.update(overrides)
+        config = opts.from_json(cls.Config, values, where=cls.__name__)
+        return cls(example_shape=data["example_shape"], ways=data["ways"], config=config)
+
+    def check_ways(self, n_way: int) -> None:
+        """Raise :class:`bilevel.options.OptionError` (option ``ways``) if this learner cannot classify
+        ``n_way`` classes. Default: any number (heads built per episode); learners with a fixed
+        output layer override it."""
+
+    @classmethod
+    def summary(cls) -> str:
+        """One line describing the method (the first line of the class docstring)."""
+        return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, train: bool = True) -> Tensor:  # noqa: D401
         """Predictions for the queries of B episodes.
@@ -86,4 +155,4 @@ def n_way_of(support_y: Tensor) -> int:
     return int(support_y.max()) + 1
 
 
-__all__ = ["MetaLearner", "TASKS", "n_way_of"]
+__all__ = ["LearnerConfig", "MetaLearner", "TASKS", "n_way_of"]

@@ -1,14 +1,16 @@
-"""One training loop for every meta-learner: meta-batches, validation, checkpoints, logs.
+"""The meta-training loop: one loop for every registered learner.
 
-``fit`` trains a :class:`bilevel.learner.MetaLearner` on episodes and writes, under ``out``:
+``fit`` trains a :class:`bilevel.learner.MetaLearner` on episodes and writes, under ``out``
+(a :class:`bilevel.run_folder.RunFolder`: locked, never overwritten):
 
-* ``checkpoint.pt`` — everything needed to resume exactly (learner, optimizer, scheduler, RNG
-  states, sampler position, best validation score), written atomically every
-  ``checkpoint_every`` iterations; ``resume=True`` continues from it;
-* ``best.pt`` — the learner with the best validation score so far (atomic);
-* ``log.csv`` (and TensorBoard events under ``tb/`` when tensorboard is installed);
-* at the end: ``model.pt`` (loadable with :func:`bilevel.load`), ``metrics.json`` and
-  ``curves.png``.
+* ``config.yaml`` at the start (every resolved option, the command, versions);
+* ``checkpoint.pt`` every ``checkpoint_every`` iterations (:mod:`bilevel.checkpoint`:
+  everything needed to resume exactly); ``best.pt`` — the best validation state so far;
+* ``log.csv`` and TensorBoard events (:mod:`bilevel.run_log`);
+* at the end: ``model.pt`` (:func:`bilevel.load`), ``metrics.json`` and ``curves.png``.
+
+Validation, test and ``bilevel <method> eval`` use the one evaluator
+(:func:`bilevel.evaluation.evaluate_learner`).
 
 Data parallelism (:mod:`bilevel.distributed`): under ``torchrun`` (or ``--nproc``) ``fit``
 creates the process group (gloo on CPU, NCCL on GPU). Meta-batch ``it`` is the same on every
@@ -21,157 +23,132 @@ resumed with the number of processes that wrote it.
 """
 from __future__ import annotations
 
-import csv
-import json
+import dataclasses
 import math
-import os
 import random
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from bilevel.data import Episodes, SinusoidTasks, load_splits, make_sampler
+from bilevel import options as opts
+from bilevel import registry
+from bilevel._atomic import atomic_save, atomic_write_json
+from bilevel._engine import NonFiniteError
+from bilevel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from bilevel.data import SinusoidTasks, available_datasets, load_splits, make_sampler
 from bilevel.data.augment import Augment
 from bilevel.data.synthetic import seed_from
 from bilevel.data.transforms import example_shape as _example_shape
 from bilevel.distributed import average_gradients, broadcast_module, broadcast_object, init_from_env, leave_group
 from bilevel.distributed import world as _world
 from bilevel.distributed import world_size_mismatch
-from bilevel.evaluation import mean_ci
-from bilevel.io import _resolve_factory, atomic_save, save_model
+from bilevel.evaluation import evaluate_learner
+from bilevel.io import load, read_torch_file, save_learner
 from bilevel.learner import MetaLearner
+from bilevel.options import OptionError, option
 from bilevel.parallel import TaskThreads
+from bilevel.run_folder import RunFolder
+from bilevel.run_log import RunLog
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 MODEL = "model.pt"
-LOG = "log.csv"
 METRICS = "metrics.json"
-LOG_FIELDS = ["iteration", "split", "loss", "metric", "ci95", "lr", "seconds"]
+
+__all__ = ["DataConfig", "Samplers", "TrainConfig", "TrainingDiverged", "build_samplers", "evaluate_model", "fit",
+           "meta_gradient", "on_rank0"]
 
 
-@dataclass
+class TrainingDiverged(FloatingPointError):
+    """The meta-loss or an inner loss became non-finite during training (a run error, not bad usage)."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """Which episodes to train and evaluate on.
+    """Which episodes to train and evaluate on (declared options; see :mod:`bilevel.options`).
 
-    Attributes:
-        dataset: a name from :func:`bilevel.data.available_datasets` (``glyphs`` is offline).
-        data_root: folder with the dataset files (``--data-root``); ``None`` for built-ins.
-        ways, shots, queries: N-way K-shot episodes with Q queries per class at evaluation.
-        train_shots: K at training time (MetaOptNet trains with a higher shot); default ``shots``.
-        train_ways: N at training time; default ``ways``.
-        meta_batch: B episodes per outer step.
-        augment: MetaOptNet-style augmentation (random crop, flip, colour jitter) for training.
-        options: dataset-specific options (e.g. ``{"rotations": True, "split_by": "alphabet"}``).
+    ``data_root`` is stored as an absolute path, so a run's identity does not depend on the
+    directory it was started from.
     """
 
-    dataset: str = "glyphs"
-    data_root: str | None = None
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    train_shots: int | None = None
-    train_ways: int | None = None
-    meta_batch: int = 4
-    augment: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    dataset: str = option("glyphs", help="omniglot, mini-imagenet, tiered-imagenet, cifar-fs, fc100, sinusoid or "
+                          "glyphs (offline).")
+    data_root: str | None = option(None, help="Folder holding the dataset files.")
+    ways: int = option(5, help="N classes per episode (test time).", min=2)
+    shots: int = option(1, help="K support examples per class (test time).", min=1)
+    queries: int = option(15, help="Q query examples per class.", min=1)
+    train_shots: int | None = option(None, help="K at training time (default: --shots).", min=1)
+    train_ways: int | None = option(None, help="N at training time (default: --ways).", min=2)
+    meta_batch: int = option(4, help="Episodes per outer step.", min=1)
+    augment: bool = option(False, help="Crop/flip/colour-jitter training images (MetaOptNet).")
+    rotations: bool | None = option(None, help="Omniglot: 90° rotations as new classes.")
+    split_by: str | None = option(None, help="Omniglot class split.", choices=("alphabet", "character"))
+    options: dict[str, Any] = option(default_factory=dict, help="Other dataset options (Python only).", cli=False)
+
+    def __post_init__(self) -> None:
+        opts.validate(self)
+        if self.dataset not in available_datasets():
+            raise OptionError("dataset", f"unknown dataset {self.dataset!r}; expected one of {', '.join(available_datasets())}")
+        if self.data_root is not None:
+            object.__setattr__(self, "data_root", str(Path(self.data_root).expanduser().resolve()))
+        if (self.rotations is not None or self.split_by is not None) and self.dataset != "omniglot":
+            raise OptionError("rotations" if self.rotations is not None else "split_by",
+                              "--rotations/--split-by apply to --dataset omniglot only")
+
+    def dataset_options(self) -> dict[str, Any]:
+        out = dict(self.options)
+        if self.rotations is not None:
+            out["rotations"] = self.rotations
+        if self.split_by is not None:
+            out["split_by"] = self.split_by
+        return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """How to train.
+    """How to train (declared options). ``optimizer``, ``outer_lr`` and ``weight_decay`` left at
+    ``None`` take the learner's ``train_defaults`` (Adam 1e-3 without weight decay unless the
+    method says otherwise, e.g. MetaOptNet: SGD 0.1, 5e-4)."""
 
-    Attributes:
-        iterations: number of outer steps.
-        optimizer: ``"adam"`` (MAML, Meta-SGD, …) or ``"sgd"`` (SGD with Nesterov momentum and
-            weight decay, MetaOptNet).
-        lr, momentum, nesterov, weight_decay: outer optimizer settings.
-        lr_schedule: piecewise-constant multipliers ``[(iteration, factor), ...]``: the learning
-            rate is ``lr * factor`` from that iteration on (MetaOptNet: 0.06, 0.012, 0.0024).
-        grad_clip: clip the meta-gradient norm (None: no clipping).
-        val_every, val_episodes: validation period and size; the best model is kept.
-        test_episodes: episodes of the final test evaluation (mean ± 95% CI).
-        checkpoint_every: checkpoint period in iterations.
-        log_every: period of training-log rows (running means over the period).
-        seed: seeds model initialisation and the episode streams.
-        device: ``"cpu"``, ``"cuda"``, …
-        out: output folder.
-        progress: show a progress bar; tensorboard: also log TensorBoard events.
-        threads: torch CPU threads (``None``: leave torch's default).
-        task_threads: split each meta-batch over this many CPU threads, one learner replica
-            each (:class:`bilevel.parallel.TaskThreads`); with several cores this beats
-            intra-op parallelism on small episodes. The torch threads are then shared
-            among them (``threads // task_threads`` each, at least 1).
-    """
+    iterations: int = option(1000, help="Outer steps.", min=1)
+    optimizer: str | None = option(None, help="Outer optimizer (default per method).", choices=("adam", "sgd"))
+    outer_lr: float | None = option(None, help="Outer learning rate (default per method).", min=0, min_open=True)
+    momentum: float = option(0.9, help="SGD momentum (Nesterov).", min=0, max=1, max_open=True)
+    weight_decay: float | None = option(None, help="Outer weight decay (default per method).", min=0)
+    lr_schedule: opts.Schedule = option(default_factory=list, help="Piecewise factors of the outer learning rate, "
+                                        "e.g. 2000:0.1,4000:0.01.")
+    grad_clip: float | None = option(None, help="Clip the meta-gradient norm.", min=0, min_open=True)
+    val_every: int = option(500, help="Validate every this many iterations.", min=1)
+    val_episodes: int = option(100, help="Validation episodes.", min=1)
+    test_episodes: int = option(600, help="Test episodes at the end.", min=1)
+    checkpoint_every: int = option(100, help="Checkpoint period in iterations.", min=1)
+    log_every: int = option(10, help="Training-log period in iterations.", min=1, cli=False)
+    seed: int = option(0, help="Seeds the initialisation and the episode streams.")
+    device: str = option("cpu", help="cpu, cuda, cuda:1, …")
+    threads: int | None = option(None, help="torch CPU threads (default: torch's).", min=1)
+    task_threads: int = option(1, help="Split each meta-batch over this many CPU threads (one learner replica each).",
+                               min=1)
+    progress: bool = option(True, help="Show a progress bar.")
+    tensorboard: bool = option(True, help="Also log TensorBoard events.")
+    out: str = option("runs/bilevel", help="Output folder.", cli=False)
 
-    iterations: int = 1000
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0
-    lr_schedule: list[tuple[int, float]] = field(default_factory=list)
-    grad_clip: float | None = None
-    val_every: int = 500
-    val_episodes: int = 100
-    test_episodes: int = 600
-    checkpoint_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    device: str = "cpu"
-    out: str = "runs/bilevel"
-    progress: bool = True
-    tensorboard: bool = True
-    threads: int | None = None
-    task_threads: int = 1
+    def __post_init__(self) -> None:
+        opts.validate(self)
+
+    def resolved(self, learner_cls: type[MetaLearner]) -> TrainConfig:
+        """This config with the method's defaults filled in."""
+        d = {"optimizer": "adam", "outer_lr": 1e-3, "weight_decay": 0.0, **learner_cls.train_defaults}
+        return dataclasses.replace(self, **{k: getattr(self, k) if getattr(self, k) is not None else d[k]
+                                            for k in ("optimizer", "outer_lr", "weight_decay")})
 
 
-class _PiecewiseLR:
-    """LambdaLR multiplier: ``factor`` of the last schedule entry whose iteration is reached."""
-
-    def __init__(self, schedule: list[tuple[int, float]]) -> None:
-        self.schedule = sorted((int(i), float(f)) for i, f in schedule)
-
-    def __call__(self, it: int) -> float:
-        factor = 1.0
-        for start, f in self.schedule:
-            if it >= start:
-                factor = f
-        return factor
-
-
-def _share(meta_batch: int, rank: int, world: int) -> list[int]:
-    if meta_batch % world:
-        raise ValueError(
-            f"meta_batch={meta_batch} is not divisible by the number of processes ({world}); "
-            "choose a meta-batch that is a multiple of --nproc"
-        )
-    per = meta_batch // world
-    return list(range(rank * per, (rank + 1) * per))
-
-
-def _validate(data: DataConfig, cfg: TrainConfig) -> None:
-    for name in ("iterations", "val_every", "val_episodes", "test_episodes", "checkpoint_every", "log_every"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if cfg.optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {cfg.optimizer!r}")
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}")
-    for name in ("ways", "shots", "queries", "meta_batch"):
-        v = getattr(data, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-
-
+# ----------------------------------------------------------------------------- episodes
 @dataclass
 class Samplers:
     train: Any
@@ -188,21 +165,18 @@ def build_samplers(data: DataConfig, seed: int, splits: tuple[str, ...] = ("trai
     The three samplers use distinct episode streams derived from ``seed``; the validation and
     test episodes are the same in every run with that seed.
     """
-    ds = load_splits(data.dataset, data.data_root, splits, **data.options)
+    ds = load_splits(data.dataset, data.data_root, splits, **data.dataset_options())
     first = ds[splits[0]]
     regression = isinstance(first, SinusoidTasks)
     ways = None if regression else data.ways
     train_ways = None if regression else (data.train_ways or data.ways)
-    augment = None
-    if data.augment and not regression:
-        augment = Augment.metaoptnet(int(first.images.shape[-1]))
+    augment = Augment.metaoptnet(int(first.images.shape[-1])) if data.augment and not regression else None
     out: dict[str, Any] = {}
     for split in splits:
         if split == "train":
             out[split] = make_sampler(ds[split], ways=train_ways, shots=data.train_shots or data.shots,
                                       queries=data.queries, meta_batch=data.meta_batch, seed=seed, augment=augment)
-        else:
-            # evaluation streams are indexed by episode (meta_batch 1): independent of --meta-batch
+        else:  # evaluation streams are indexed by episode (meta_batch 1): independent of --meta-batch
             out[split] = make_sampler(ds[split], ways=ways, shots=data.shots, queries=data.queries,
                                       meta_batch=1, seed=seed + {"val": 1, "test": 2}[split])
     spec = first.transform
@@ -211,127 +185,24 @@ def build_samplers(data: DataConfig, seed: int, splits: tuple[str, ...] = ("trai
                     "regression" if regression else "classification")
 
 
-def evaluate_learner(learner: MetaLearner, sampler: Any, episodes: int, *, device: str | torch.device = "cpu",
-                     progress: bool = False, desc: str = "evaluate", chunk: int = 8) -> dict[str, Any]:
-    """Mean ± 95% CI (1.96·std/√N) of the learner's metric over ``episodes`` episodes.
-
-    Episode e (e = 0, …, episodes − 1) is episode 0 of meta-batch e of ``sampler``: the same
-    episodes in every call, for every learner and whatever the training meta-batch, given the
-    seed. They are run ``chunk`` at a time; with several processes each rank evaluates every
-    world-th episode and the values are gathered.
-    """
-    rank, size = _world()
-    mine = [e for e in range(episodes) if e % size == rank]
-    values: list[Tensor] = []
-    positions: list[int] = []
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=episodes, desc=desc, leave=False)
-    was_training = learner.training
-    learner.eval()
-    try:
-        for start in range(0, len(mine), chunk):
-            es = mine[start:start + chunk]
-            positions += es
-            parts = [sampler.sample(e, indices=[0]) for e in es]
-            ep = Episodes(*(torch.cat(field) for field in zip(*parts))).to(device)
-            with torch.no_grad():
-                _, metric = learner.meta_loss(ep, train=False)
-            values.append(metric.detach().double().cpu())
-            if bar is not None:
-                bar.update(len(parts) * size)
-    finally:
-        learner.train(was_training)
-        if bar is not None:
-            bar.close()
-    local = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
-    if size > 1:  # gather the values of all ranks, back in episode order (as one process has them)
-        gathered: list[Any] = [None] * size
-        dist.all_gather_object(gathered, (positions, local))
-        local = torch.empty(episodes, dtype=torch.float64)
-        for pos, vals in gathered:
-            local[pos] = vals
-    mean, ci = mean_ci(local)
-    metric_name = "mse" if learner.task == "regression" else "accuracy"
-    return {"metric": metric_name, "mean": mean, "ci95": ci, "episodes": int(local.numel())}
+def _share(meta_batch: int, rank: int, world: int) -> list[int]:
+    if meta_batch % world:
+        raise OptionError("meta_batch", f"meta_batch={meta_batch} is not divisible by the number of processes ({world}); "
+                          "choose a meta-batch that is a multiple of --nproc")
+    per = meta_batch // world
+    return list(range(rank * per, (rank + 1) * per))
 
 
-class _Logger:
-    """CSV (+ TensorBoard) log written by rank 0; resuming drops rows past the checkpoint."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_from: int | None) -> None:
-        self.enabled = enabled
-        self.path = out / LOG
-        self.tb = None
-        if not enabled:
-            return
-        rows: list[dict[str, str]] = []
-        if resume_from is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_from]
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
-        self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, LOG_FIELDS)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("tensorboard is not installed: logging to CSV only (pip install tensorboard)", stacklevel=3)
-            else:
-                self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_from + 1 if resume_from is not None else None)
-
-    def log(self, iteration: int, split: str, loss: float, metric: float, ci95: float, lr: float, seconds: float) -> None:
-        if not self.enabled:
-            return
-        self.writer.writerow({"iteration": iteration, "split": split, "loss": f"{loss:.6g}", "metric": f"{metric:.6g}",
-                              "ci95": f"{ci95:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}"})
-        self.file.flush()
-        if self.tb is not None:
-            if not math.isnan(loss):
-                self.tb.add_scalar(f"{split}/loss", loss, iteration)
-            self.tb.add_scalar(f"{split}/metric", metric, iteration)
-            self.tb.add_scalar("lr", lr, iteration)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _comparable(d: dict[str, Any]) -> Any:
-    return json.loads(json.dumps(d, default=str))
-
-
+# ----------------------------------------------------------------------------- one outer step
 def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor], threads: TaskThreads | None = None) -> Tensor:
     """Set ``p.grad`` to the meta-gradient of the whole meta-batch, averaged over the ranks.
 
     Invariant: with this rank's B/W episodes, ``p.grad = 1/W Σ_r ∇_p meta_loss_r`` =
     ∇_p (1/B Σ_j E_j), the gradient one process computes on all B episodes (Franceschi et al.
     2018, eq. (3.1)); the average is taken after the outer backward, so any hypergradient
-    strategy composes with it (:func:`bilevel.distributed.average_gradients`).
+    strategy composes with it (:func:`bilevel.distributed.average_gradients`). An inner loss
+    that is not finite on one rank makes the averaged meta-loss infinite on every rank (all
+    ranks then stop together).
 
     Args:
         learner: the meta-learner; ``learner.meta_loss(episodes, train=True)``.
@@ -344,43 +215,79 @@ def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor], thr
     """
     for p in params:
         p.grad = None
-    if threads is not None and threads.workers > 1:
-        loss, metric, grads = threads.meta_gradient(episodes, train=True)
-        by_id = {id(p): g for p, g in zip(learner.parameters(), grads)}
+    try:
+        if threads is not None and threads.workers > 1:
+            loss, metric, grads = threads.meta_gradient(episodes, train=True)
+            by_id = {id(p): g for p, g in zip(learner.parameters(), grads)}
+            for p in params:
+                p.grad = by_id.get(id(p))
+        else:
+            loss, metric = learner.meta_loss(episodes, train=True)
+            loss.backward()
+        stats = torch.stack([loss.detach().double(), metric.detach().double().mean()])
+    except NonFiniteError:
         for p in params:
-            p.grad = by_id.get(id(p))
-    else:
-        loss, metric = learner.meta_loss(episodes, train=True)
-        loss.backward()
-    stats = torch.stack([loss.detach().double(), metric.detach().double().mean()])
+            p.grad = None
+        stats = torch.tensor([math.inf, math.nan], dtype=torch.float64)
     averaged = average_gradients(params, stats)
     assert averaged is not None
     return averaged
 
 
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class Progress:
+    """What the loop carries from one iteration to the next (and saves in checkpoints)."""
+
+    iteration: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"mean": None, "iteration": None})
+    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0])  # loss sum, metric sum, count since last row
+    elapsed: float = 0.0
+
+
+def _is_better(value: float, best: float | None, task: str) -> bool:
+    return best is None or (value < best if task == "regression" else value > best)
+
+
+def _identity(name: str, learner: MetaLearner, data: DataConfig, cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """What must be equal for a checkpoint to belong to this run (JSON-like)."""
+    train = {k: v for k, v in opts.to_json(cfg).items()
+             if k not in ("iterations", "progress", "tensorboard", "out", "device", "threads", "task_threads")}
+    return {"learner": name, **learner.to_json(), "data": opts.to_json(data), "train": train, "world_size": world}
+
+
+def _resolve(learner: str | type[MetaLearner]) -> tuple[str, type[MetaLearner]]:
+    name = learner if isinstance(learner, str) else registry.name_of(learner)
+    entry = registry.get_learner(name)
+    if not entry.is_meta_learner:
+        raise TypeError(f"learner {name!r} ({entry.target}) is not a bilevel.learner.MetaLearner; fit trains MetaLearners")
+    return name, entry.factory
+
+
 def fit(
-    factory: str,
-    learner_config: dict[str, Any],
+    learner: str | type[MetaLearner],
+    options: Mapping[str, Any] | Any,
     data: DataConfig,
     cfg: TrainConfig,
     *,
     resume: bool | str = False,
+    command: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Meta-train a learner, validate it, test it and save everything under ``cfg.out``.
+    """Meta-train a registered learner, validate it, test it and save everything under ``cfg.out``.
 
-    Invariant: the run is a pure function of (factory, learner_config, data, cfg): episodes of
+    Invariant: the run is a pure function of (learner, options, data, cfg): episodes of
     iteration ``it`` depend only on ``cfg.seed`` and ``it``, and a run resumed from a
     checkpoint (``resume=True``) ends with exactly the parameters of an uninterrupted run.
 
     Args:
-        factory: ``"module:Class"`` of a :class:`MetaLearner` (e.g. ``"learners.maml:MAML"``).
-        learner_config: constructor kwargs; ``example_shape`` and ``ways`` are filled in from
-            the data unless given.
+        learner: a registered name (``"maml"``) or a registered MetaLearner class.
+        options: the learner's ``Config`` instance, or a mapping of its fields (Python values).
         data: the episodes (:class:`DataConfig`).
         cfg: the training settings (:class:`TrainConfig`).
-        resume: continue from ``out/checkpoint.pt`` (its configuration must match, except
-            ``iterations``, which may be extended); ``"auto"``: resume if there is a
-            checkpoint, else start (used for workers restarted by torchrun's ``--max-restarts``).
+        resume: continue from ``out/checkpoint.pt`` (its run identity must match; ``iterations``
+            may be extended, never shortened below the checkpoint); ``"auto"``: resume if there
+            is a checkpoint, else start (workers restarted by torchrun's ``--max-restarts``).
+        command: the command line recorded in ``config.yaml`` (default ``sys.argv``).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is created
     here and destroyed at the end (:func:`bilevel.distributed.init_from_env`); an existing
@@ -388,47 +295,85 @@ def fit(
     of processes, and ``resume`` needs the number of processes that wrote the checkpoint.
 
     Returns:
-        The content of ``metrics.json``: ``{"test": {"metric", "mean", "ci95", "episodes"},
-        "val": {...best...}, "train": {...}, "iterations", "wall_seconds"}``.
+        The content of ``metrics.json``: ``{"test": {"metric", "mean", "ci95", "median",
+        "episodes", "diverged"}, "val": {...best...}, "iterations", "wall_seconds", ...}``.
+
+    Raises:
+        OptionError / RunFolderError / CheckpointError: bad options, output folder or checkpoint.
+        TrainingDiverged: a non-finite meta-loss or inner loss (the last checkpoint stays intact).
     """
-    _validate(data, cfg)
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    name, cls = _resolve(learner)
+    config = options if isinstance(options, cls.Config) else cls.Config(**dict(options))
+    cfg = cfg.resolved(cls)
     device, owned = init_from_env(cfg.device)
     finished = False
+    folder: RunFolder | None = None
     try:
-        result = _fit(factory, learner_config, data, cfg, device, resume)
+        def open_folder() -> tuple[RunFolder, bool]:
+            want = (Path(cfg.out) / CHECKPOINT).exists() if resume == "auto" else bool(resume)
+            f = RunFolder(cfg.out, resume=want, command=command)
+            f.acquire()
+            return f, want
+
+        opened = on_rank0(open_folder)
+        folder, resumed = opened if opened is not None else (None, None)
+        resumed = broadcast_object(resumed)
+        result = _fit(name, cls, config, data, cfg, device, bool(resumed), folder)
         finished = True
         return result
     finally:
+        if folder is not None:
+            folder.release()
         if owned:
             leave_group(synchronize=finished)
 
 
-def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: TrainConfig, device: torch.device,
-         resume: bool | str) -> dict[str, Any]:
+def on_rank0(fn: Any) -> Any:
+    """``fn()`` on rank 0 only; if it raises, every rank raises the same error (none is left waiting).
+
+    Returns ``fn()``'s result on rank 0 and ``None`` elsewhere. With one process it is ``fn()``.
+    """
+    rank, world = _world()
+    if world == 1:
+        return fn()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError, OSError) as e:
+            error = e
+    failure = broadcast_object(None if error is None else (type(error).__name__, str(error), getattr(error, "option", None)))
+    if error is not None:
+        raise error
+    if failure is not None:
+        kind, message, option_name = failure
+        raise OptionError(option_name or "out", message) if option_name else RankError(f"rank 0: {kind}: {message}")
+    return result
+
+
+class RankError(ValueError):
+    """An error rank 0 met (reading or writing the run folder), raised on the other ranks too."""
+
+
+def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: TrainConfig, device: torch.device,
+         resume: bool, folder: RunFolder | None) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    if isinstance(cfg.task_threads, bool) or not isinstance(cfg.task_threads, int) or cfg.task_threads < 1:
-        raise ValueError(f"task_threads must be an integer >= 1, got {cfg.task_threads!r}")
     if cfg.task_threads > 1:
         torch.set_num_threads(max(1, (cfg.threads or torch.get_num_threads()) // cfg.task_threads))
     rank, world = _world()
-    out = Path(cfg.out)
     share = _share(data.meta_batch, rank, world)
     samplers = build_samplers(data, cfg.seed)
-    learner_config = dict(learner_config)
-    learner_config.setdefault("example_shape", samplers.example_shape)
-    learner_config.setdefault("ways", None if samplers.task == "regression" else (data.train_ways or data.ways))
+    ways = None if samplers.task == "regression" else (data.train_ways or data.ways)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    learner = _resolve_factory(factory)(**learner_config)
-    if not isinstance(learner, MetaLearner):
-        raise TypeError(f"{factory} must build a bilevel.learner.MetaLearner, got {type(learner).__name__}")
+    learner = cls(example_shape=samplers.example_shape, ways=ways, config=config)
     if learner.task != samplers.task:
-        raise ValueError(f"{factory} is a {learner.task} learner but dataset {data.dataset!r} is {samplers.task}")
+        raise OptionError("dataset", f"{name} is a {learner.task} learner but dataset {data.dataset!r} is {samplers.task}")
     learner.to(device)
     broadcast_module(learner)  # every rank starts from rank 0's initialisation (as DDP does)
     if world > 1:  # independent global RNG streams per rank (dropout, DropBlock); episodes do not use them
@@ -437,171 +382,227 @@ def _fit(factory: str, learner_config: dict[str, Any], data: DataConfig, cfg: Tr
         np.random.seed(seed_from("rank", "numpy", cfg.seed, rank) % 2**32)
     params = [p for p in learner.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _PiecewiseLR(cfg.lr_schedule))
+    identity = _identity(name, learner, data, cfg, world)
 
-    run_identity = _comparable({"factory": factory, "learner_config": learner_config, "data": asdict(data),
-                                "train": {k: v for k, v in asdict(cfg).items() if k not in ("iterations", "progress", "tensorboard", "out", "device", "threads", "task_threads")},
-                                "world_size": world})
-    start, best, elapsed = 0, {"mean": None, "iteration": None}, 0.0
-    running = [0.0, 0.0, 0]  # sums of train loss and metric since the last log row, and their count
-    ckpt_path = out / CHECKPOINT
-    # Only rank 0 reads the output folder; the others get what it found (no shared file system needed).
-    exists, ckpt = False, None
-    if rank == 0:
-        exists = ckpt_path.exists()
-        if resume and exists:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    exists, ckpt = broadcast_object((exists, ckpt))
-    if resume == "auto":
-        resume = exists
+    state = Progress()
     if resume:
-        if not exists:
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
-        written_by = ckpt["identity"].get("world_size", 1)
-        if written_by != world:
-            raise ValueError(world_size_mismatch(out, written_by, world))
-        mismatch = [k for k in run_identity if ckpt["identity"].get(k) != run_identity[k]]
-        if mismatch:
-            detail = "; ".join(f"{k}: checkpoint {ckpt['identity'].get(k)!r} vs now {run_identity[k]!r}" for k in mismatch)
-            raise ValueError(f"--resume: the checkpoint in {out} was written by a different run ({detail})")
-        learner.load_state_dict(ckpt["learner"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        samplers.train.load_state_dict(ckpt["sampler"])
-        _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-        start, best, elapsed = ckpt["iteration"], ckpt["best"], ckpt["elapsed"]
-        running = ckpt["running"]
-        del ckpt
-    elif exists:
-        raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out")
+        state = _restore(folder, identity, cfg, learner, opt, sched, samplers.train, rank, world)
+    if folder is not None:
+        resolved = {k: v for c in (data, cfg, config) for k, v in opts.to_json(c).items()
+                    if k in {f.name for f, _, _ in opts.cli_fields(type(c))}}
+        folder.write_config(name, resolved, seed=cfg.seed)
+    out = Path(cfg.out)
+    with RunLog(out, rank == 0, cfg.tensorboard, state.iteration if resume else None) as log:
+        _loop(learner, params, opt, sched, samplers, share, cfg, device, state, log, identity, out, rank, world)
+    return _finish(name, learner, samplers, data, cfg, device, state, out, rank)
+
+
+class _PiecewiseLR:
+    """LambdaLR multiplier: ``factor`` of the last schedule entry whose iteration is reached."""
+
+    def __init__(self, schedule: list[tuple[int, float]]) -> None:
+        self.schedule = sorted((int(i), float(f)) for i, f in schedule)
+
+    def __call__(self, it: int) -> float:
+        factor = 1.0
+        for start, f in self.schedule:
+            if it >= start:
+                factor = f
+        return factor
+
+
+def _restore(folder: RunFolder | None, identity: dict[str, Any], cfg: TrainConfig, learner: MetaLearner,
+             opt: torch.optim.Optimizer, sched: Any, sampler: Any, rank: int, world: int) -> Progress:
+    """Load ``checkpoint.pt`` (rank 0 reads, every rank gets it) and restore the whole run state."""
+    def read() -> dict[str, Any]:
+        assert folder is not None
+        checkpoint = load_checkpoint(folder.file(CHECKPOINT))
+        if folder.file(BEST).exists():  # validated now, not at the end of training
+            read_torch_file(folder.file(BEST), "best model (best.pt)")
+        return checkpoint
+
+    ckpt = broadcast_object(on_rank0(read))
+    out = cfg.out
+    written_by = ckpt["identity"].get("world_size", 1)
+    if written_by != world:
+        raise OptionError("resume", world_size_mismatch(out, written_by, world))
+    mine = json_comparable(identity)
+    theirs = ckpt["identity"]
+    mismatch = sorted(k for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k))
+    if mismatch:
+        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in mismatch)
+        raise OptionError("resume", f"--resume: the checkpoint in {out} was written by a different run ({detail})")
+    if cfg.iterations < ckpt["iteration"]:
+        raise OptionError("iterations", f"--resume with --iterations {cfg.iterations}: the checkpoint in {out} is already "
+                          f"at iteration {ckpt['iteration']}; pass --iterations >= {ckpt['iteration']}")
+    learner.load_state_dict(ckpt["learner"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    sampler.load_state_dict(ckpt["sampler"])
+    set_rng_state(ckpt["rng"][rank])
+    return Progress(int(ckpt["iteration"]), dict(ckpt["best"]), list(ckpt["running"]), float(ckpt["elapsed"]))
+
+
+def json_comparable(d: Mapping[str, Any]) -> Any:
+    """``d`` as it reads back from JSON (tuples become lists), for comparing identities."""
+    import json
+
+    return json.loads(json.dumps(d, default=str))
+
+
+def _checkpoint(path: Path, identity: dict[str, Any], state: Progress, learner: MetaLearner, opt: Any, sched: Any,
+                sampler: Any, rank: int, world: int) -> None:
+    rngs: Any = rng_state()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rngs)
+        rngs = gathered
+    else:
+        rngs = [rngs]
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    logger = _Logger(out, rank == 0, cfg.tensorboard, start if resume else None)
+        save_checkpoint(path, identity=json_comparable(identity), iteration=state.iteration, learner=learner.state_dict(),
+                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), sampler=sampler.state_dict(),
+                        rng=rngs, best=state.best, running=state.running, elapsed=state.elapsed)
 
-    def checkpoint(iteration: int) -> None:
-        rngs: Any = _rng_state()
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, rngs)
-            rngs = gathered
-        if rank == 0:
-            atomic_save({"identity": run_identity, "iteration": iteration, "learner": learner.state_dict(),
-                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "sampler": samplers.train.state_dict(), "rng": rngs, "best": best,
-                         "running": running, "elapsed": elapsed + time.perf_counter() - t_start}, ckpt_path)
 
+def _diverged(what: str, it: int, out: Path, checkpointed: int | None) -> TrainingDiverged:
+    where = (f"The last checkpoint, {out / CHECKPOINT} (iteration {checkpointed}), is intact: resume from it with "
+             "smaller learning rates" if checkpointed else "No checkpoint was written yet")
+    return TrainingDiverged(f"{what} at meta-iteration {it}; lower the outer (--outer-lr) or inner (--inner-lr) "
+                            f"learning rate, or clip the meta-gradient (--grad-clip). {where}.")
+
+
+def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer, sched: Any, samplers: Samplers,
+          share: list[int], cfg: TrainConfig, device: torch.device, state: Progress, log: RunLog,
+          identity: dict[str, Any], out: Path, rank: int, world: int) -> None:
+    """The meta-training iterations from ``state.iteration`` to ``cfg.iterations`` (updates ``state``)."""
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.iterations, initial=start, desc=f"train {type(learner).__name__}", dynamic_ncols=True)
-    t_start = time.perf_counter()
+        bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"train {type(learner).__name__}", dynamic_ncols=True)
+    checkpointed = state.iteration or None
+    t_start, elapsed0 = time.perf_counter(), state.elapsed
     last_val: dict[str, Any] | None = None
+    metric_name = "mse" if learner.task == "regression" else "acc"
     learner.train()
-    task_threads = TaskThreads(learner, cfg.task_threads) if cfg.task_threads > 1 else None
+    threads = TaskThreads(learner, cfg.task_threads) if cfg.task_threads > 1 else None
     try:
-        for it in range(start, cfg.iterations):
+        for it in range(state.iteration, cfg.iterations):
             samplers.train.iteration = it
             episodes = samplers.train.sample(it, indices=share).to(device)
-            stats = meta_gradient(learner, episodes, params, task_threads)
+            stats = meta_gradient(learner, episodes, params, threads)
             if not math.isfinite(float(stats[0])):  # the mean over all ranks: every rank stops here
-                raise FloatingPointError(
-                    f"meta-loss is {float(stats[0])} at iteration {it + 1}; lower the learning rates or inspect the data. "
-                    f"The last good checkpoint is {ckpt_path}"
-                )
+                what = ("an inner loss is not finite" if math.isinf(float(stats[0])) and math.isnan(float(stats[1]))
+                        else f"the meta-loss is {float(stats[0])}")
+                raise _diverged(what, it + 1, out, checkpointed)
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             samplers.train.iteration = it + 1
-            running = [running[0] + float(stats[0]), running[1] + float(stats[1]), running[2] + 1]
             done = it + 1
+            state.iteration = done
+            state.elapsed = elapsed0 + time.perf_counter() - t_start
+            r = state.running
+            state.running = [r[0] + float(stats[0]), r[1] + float(stats[1]), r[2] + 1]
+            lr = opt.param_groups[0]["lr"]
             if done % cfg.log_every == 0 or done == cfg.iterations:
-                mean_loss, mean_metric = running[0] / running[2], running[1] / running[2]
-                logger.log(done, "train", mean_loss, mean_metric, float("nan"), opt.param_groups[0]["lr"],
-                           elapsed + time.perf_counter() - t_start)
+                mean_loss, mean_metric = state.running[0] / state.running[2], state.running[1] / state.running[2]
+                log.log(done, "train", mean_loss, mean_metric, math.nan, lr, state.elapsed)
                 if bar is not None:
-                    post = {"loss": f"{mean_loss:.4f}", learner_metric(learner): f"{mean_metric:.4f}"}
+                    post = {"loss": f"{mean_loss:.4f}", metric_name: f"{mean_metric:.4f}"}
                     if last_val is not None:
                         post["val"] = f"{last_val['mean']:.4f}"
                     bar.set_postfix(post)
-                running = [0.0, 0.0, 0]
+                state.running = [0.0, 0.0, 0]
             if done % cfg.val_every == 0 or done == cfg.iterations:
                 last_val = evaluate_learner(learner, samplers.val, cfg.val_episodes, device=device)
-                logger.log(done, "val", float("nan"), last_val["mean"], last_val["ci95"], opt.param_groups[0]["lr"],
-                           elapsed + time.perf_counter() - t_start)
-                better = best["mean"] is None or (
-                    last_val["mean"] < best["mean"] if learner.task == "regression" else last_val["mean"] > best["mean"]
-                )
-                if better:
-                    best = {**last_val, "iteration": done}
+                log.log(done, "val", math.nan, last_val["mean"], last_val["ci95"], lr, state.elapsed)
+                if math.isfinite(last_val["mean"]) and _is_better(last_val["mean"], state.best["mean"], learner.task):
+                    state.best = {**last_val, "iteration": done}
                     if rank == 0:
                         atomic_save(learner.state_dict(), out / BEST)
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                checkpoint(done)
+                _checkpoint(out / CHECKPOINT, identity, state, learner, opt, sched, samplers.train, rank, world)
+                checkpointed = done
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-        if task_threads is not None:
-            task_threads.close()
-        logger.close()
+        if threads is not None:
+            threads.close()
 
-    wall = elapsed + time.perf_counter() - t_start
+
+def _finish(name: str, learner: MetaLearner, samplers: Samplers, data: DataConfig, cfg: TrainConfig,
+            device: torch.device, state: Progress, out: Path, rank: int) -> dict[str, Any]:
+    """Test the best validation state, then write ``model.pt``, ``metrics.json`` and ``curves.png``."""
     best_state = None
     if rank == 0 and (out / BEST).exists():
-        best_state = torch.load(out / BEST, map_location="cpu", weights_only=True)
+        best_state = read_torch_file(out / BEST, "best model (best.pt)")
     best_state = broadcast_object(best_state)
     if best_state is not None:
         learner.load_state_dict(best_state)
     test = evaluate_learner(learner, samplers.test, cfg.test_episodes, device=device, progress=cfg.progress, desc="test")
-    metrics = {"test": test, "val": {k: v for k, v in best.items()}, "iterations": cfg.iterations,
-               "wall_seconds": wall, "world_size": world, "learner": type(learner).__name__, "dataset": data.dataset}
+    _, world = _world()
+    metrics = {"test": test, "val": dict(state.best), "iterations": cfg.iterations, "wall_seconds": state.elapsed,
+               "world_size": world, "learner": name, "dataset": data.dataset}
     if rank == 0:
-        save_model(out / MODEL, factory=factory, config=_comparable(learner.config), state=learner.state_dict(),
-                   transform=samplers.transform,
-                   metadata={"dataset": data.dataset, "ways": data.ways, "shots": data.shots, "task": samplers.task,
-                             "test": test})
-        tmp = out / (METRICS + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, out / METRICS)
+        save_learner(out / MODEL, learner, transform=samplers.transform,
+                     metadata={"learner": name, "dataset": data.dataset, "ways": data.ways, "shots": data.shots,
+                               "task": samplers.task, "data": opts.to_json(data), "seed": cfg.seed, "test": test})
+        atomic_write_json(out / METRICS, metrics)
         from bilevel.plot import plot_run
 
         plot_run(out)
     return metrics
 
 
-def learner_metric(learner: MetaLearner) -> str:
-    return "mse" if learner.task == "regression" else "acc"
+# ----------------------------------------------------------------------------- evaluation of a saved model
+def evaluate_model(path: str | Path, episodes: int, *, data: Mapping[str, Any] | None = None,
+                   overrides: Mapping[str, Any] | None = None, method: str | None = None, seed: int | None = None,
+                   device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Evaluate a saved ``model.pt`` on its test split: mean ± 95% CI over ``episodes`` episodes.
 
-
-def evaluate_model(path: str | os.PathLike, data: DataConfig, episodes: int, *, seed: int = 0, device: str = "cpu",
-                   overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a saved ``model.pt`` on the test split: mean ± 95% CI over ``episodes`` episodes.
+    The dataset, ways, shots and queries are those the model was trained with (recorded in the
+    file), unless ``data`` overrides them; the test episodes are those of a training run with
+    ``seed`` (default: the model's own seed).
 
     Args:
         path: a ``model.pt`` written by :func:`fit` (or its folder).
-        data: test episodes (dataset, ways, shots, queries).
         episodes: number of test episodes.
-        seed: the test stream is that of a training run with this seed.
-        overrides: learner config entries to change (e.g. ``{"eval_steps": 10}``).
-    """
-    from bilevel.io import load
+        data: :class:`DataConfig` fields to change (e.g. ``{"shots": 5}``).
+        overrides: learner options to change at test time (e.g. ``{"eval_steps": 10}``).
+        method: refuse a model of another registered learner (the CLI passes its method).
+        seed: the test stream's seed.
 
+    Returns:
+        The evaluator's record plus ``{"learner", "dataset", "data"}``.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / MODEL
     model = load(p, device=device, config_overrides=overrides)
+    if method is not None and model.name != method:
+        raise OptionError("checkpoint", f"{p} holds a {model.name!r} model, not {method!r}; evaluate it with "
+                          f"`bilevel {model.name} eval`")
     learner = model.learner
     if not isinstance(learner, MetaLearner):
-        raise TypeError(f"{p} does not hold a bilevel MetaLearner")
-    samplers = build_samplers(data, seed, ("test",))
-    return evaluate_learner(learner, samplers.test, episodes, device=device, progress=progress)
-
-
-__all__ = ["DataConfig", "Samplers", "TrainConfig", "build_samplers", "evaluate_learner", "evaluate_model", "fit",
-           "meta_gradient"]
+        raise OptionError("checkpoint", f"{p} does not hold a bilevel MetaLearner")
+    saved = dict(model.metadata.get("data") or {"dataset": model.metadata.get("dataset", "glyphs")})
+    values = {**saved, **dict(data or {})}
+    config = opts.from_json(DataConfig, values, where=str(p))
+    if learner.task == "classification":
+        learner.check_ways(config.ways)
+    samplers = build_samplers(config, model.metadata.get("seed", 0) if seed is None else seed, ("test",))
+    if samplers.task != learner.task:
+        raise OptionError("dataset", f"{p} is a {learner.task} model; dataset {config.dataset!r} is {samplers.task}")
+    result = evaluate_learner(learner, samplers.test, episodes, device=device, progress=progress)
+    return {**result, "learner": model.name, "dataset": config.dataset, "data": opts.to_json(config)}

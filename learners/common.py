@@ -7,6 +7,7 @@ only say which dynamics and which hparams (Franceschi et al. 2018, §3, "learnin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,9 +16,46 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 import bilevel as bl
-from bilevel.hypergrad import from_string
-from bilevel.learner import MetaLearner
+from bilevel.learner import LearnerConfig, MetaLearner
 from bilevel.models import build_backbone
+from bilevel.options import OptionError, option
+
+
+@dataclass(frozen=True)
+class BackboneConfig(LearnerConfig):
+    """The network options every learner shares."""
+
+    backbone: str | None = option(None, help="Backbone: conv4, conv4-32, resnet12, resnet12-cifar or mlp "
+                                  "(default: mlp for vectors, conv4 for images).",
+                                  choices=("conv4", "conv4-32", "resnet12", "resnet12-cifar", "mlp"))
+    filters: int | None = option(None, help="Convolution filters of Conv-4 (paper: 64; 32 in the README recipes).", min=1)
+    backbone_options: dict[str, Any] = option(default_factory=dict, help="Extra backbone keyword arguments.", cli=False)
+
+    def network_options(self) -> dict[str, Any]:
+        """``backbone_options`` with ``filters`` applied."""
+        out = dict(self.backbone_options)
+        if self.filters is not None:
+            out["filters"] = self.filters
+        return out
+
+
+@dataclass(frozen=True)
+class GradientConfig(BackboneConfig):
+    """Options of the learners that adapt a whole network with gradient steps (θ = w_0)."""
+
+    inner_steps: int = option(1, help="Inner steps T at training time.", min=1)
+    eval_steps: int | None = option(None, help="Inner steps at test time (default: --inner-steps).", min=1, eval=True)
+    hypergrad: bl.Strategy = option(bl.Reverse(), help="Hypergradient strategy: reverse, first-order, truncated:K, "
+                                    "checkpointed:K, forward, … (bilevel.hypergrad.from_string).")
+    batch_tasks: str = option("auto", help="Solve the tasks of a meta-batch as one batched problem: auto (MLPs, "
+                              "and convolutions off CPU), always or never.", choices=("auto", "always", "never"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.hypergrad, (bl.Implicit, bl.NoInner)):
+            raise OptionError("hypergrad", f"hypergrad={self.hypergrad!r} gives the initialisation θ no meta-gradient: the inner solution of a learner "
+                              "adapted from θ does not depend on θ implicitly, and no-inner drops dw_T/dθ. Use "
+                              "reverse, first-order, truncated:K, checkpointed:K or forward")
 
 
 def make_network(backbone: str | None, example_shape: Sequence[int], ways: int | None, options: dict[str, Any] | None,
@@ -43,15 +81,6 @@ def make_network(backbone: str | None, example_shape: Sequence[int], ways: int |
     return build_backbone(backbone or ("conv4" if head else "conv4-32"), in_channels=int(c), image_size=int(h), **opts)
 
 
-def check_inner_options(inner_steps: int, eval_steps: int | None, inner_lr: float | None) -> None:
-    """Raise ``ValueError`` naming the option unless T ≥ 1 (train and test) and the step size > 0."""
-    for name, v in (("inner_steps", inner_steps), ("eval_steps", eval_steps if eval_steps is not None else 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if inner_lr is not None and not inner_lr > 0:
-        raise ValueError(f"inner_lr must be > 0, got {inner_lr!r}")
-
-
 def param_key(name: str) -> str:
     """A module-attribute-safe key for a parameter name: ``"convs.0.weight"`` -> ``"convs-0-weight"``.
 
@@ -66,62 +95,44 @@ def per_parameter(net: nn.Module, make: Callable[[str, Tensor], Tensor]) -> nn.P
     return nn.ParameterDict({param_key(k): nn.Parameter(make(k, p.detach())) for k, p in net.named_parameters()})
 
 
+@dataclass(frozen=True)
+class StepSizeConfig(GradientConfig):
+    """A :class:`GradientConfig` with an inner step size α."""
+
+    inner_lr: float = option(0.4, help="Inner step size α (the initial value where it is learned).", min=0, min_open=True)
+
+
 class GradientLearner(MetaLearner):
     """Adapt the whole network per task: w_0 = θ, w_t = Φ_t(w_{t−1}, λ) on the support set.
 
     Invariant: the meta-loss is 1/B Σ_j E(w_T^j, D_query^j) with w_T^j from
     :func:`bilevel.solve` on episode j, so its gradient is the hypergradient w.r.t. θ and λ as
-    computed by ``hypergrad``.
+    computed by ``config.hypergrad``.
 
-    Subclasses implement :meth:`dynamics` (Φ) and may add meta-learned tensors to
-    :meth:`hparams`.
-
-    Args:
-        example_shape: [C, H, W] images or [D] vectors (filled in by the training loop).
-        ways: N for classification (size of the head), ``None`` for regression.
-        backbone: a name from :func:`bilevel.models.build_backbone` (``conv4``, ``conv4-32``, ``mlp``);
-            default ``mlp`` for regression, ``conv4`` for images.
-        backbone_options: extra backbone kwargs (e.g. ``{"filters": 32}``).
-        inner_steps: T at training time.
-        inner_lr: the inner step size α (initial value where it is learned).
-        eval_steps: T at test time (default ``inner_steps``).
-        hypergrad: the strategy as text (:func:`bilevel.hypergrad.from_string`), e.g.
-            ``"reverse"`` (second order) or ``"first-order"``.
+    Subclasses set ``Config`` (a :class:`GradientConfig`), implement :meth:`dynamics` (Φ) and may
+    add meta-learned tensors to :meth:`hparams`. Options: see :class:`GradientConfig`
+    (``backbone``, ``filters``, ``inner_steps``, ``eval_steps``, ``hypergrad``, ``batch_tasks``).
     """
 
-    def __init__(
-        self,
-        *,
-        example_shape: Sequence[int],
-        ways: int | None,
-        backbone: str | None = None,
-        backbone_options: dict[str, Any] | None = None,
-        inner_steps: int = 1,
-        inner_lr: float = 0.4,
-        eval_steps: int | None = None,
-        hypergrad: str = "reverse",
-        batch_tasks: str = "auto",
-    ) -> None:
-        super().__init__()
-        check_inner_options(inner_steps, eval_steps, inner_lr)
-        if batch_tasks not in ("auto", "always", "never"):
-            raise ValueError(f"batch_tasks must be 'auto', 'always' or 'never', got {batch_tasks!r}")
-        self.config = {
-            "example_shape": list(example_shape), "ways": ways, "backbone": backbone,
-            "backbone_options": dict(backbone_options or {}), "inner_steps": inner_steps,
-            "inner_lr": float(inner_lr), "eval_steps": eval_steps, "hypergrad": hypergrad,
-            "batch_tasks": batch_tasks,
-        }
-        self.batch_tasks = batch_tasks
+    Config = GradientConfig
+
+    def __init__(self, *, example_shape: Sequence[int], ways: int | None, config: Any = None, **options: Any) -> None:
+        super().__init__(example_shape=example_shape, ways=ways, config=config, **options)
+        c = self.config
+        self.batch_tasks = c.batch_tasks
         self.task = "regression" if ways is None else "classification"
-        self.net = make_network(backbone, example_shape, ways, backbone_options)
-        self.inner_steps = inner_steps
-        self.eval_steps = eval_steps if eval_steps is not None else inner_steps
-        self.inner_lr = float(inner_lr)
-        self.strategy = from_string(hypergrad)
+        self.net = make_network(c.backbone, example_shape, ways, c.network_options())
+        self.inner_steps = c.inner_steps
+        self.eval_steps = c.eval_steps if c.eval_steps is not None else c.inner_steps
+        self.strategy = c.hypergrad
         self.problem = bl.BilevelProblem(self.task_loss, self.task_loss)
         self.batched_problem = bl.BilevelProblem(self.tasks_loss, self.tasks_loss)
         self._has_conv = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+
+    def check_ways(self, n_way: int) -> None:
+        if self.ways is not None and n_way > self.ways:
+            raise OptionError("ways", f"this {type(self).__name__} has a {self.ways}-way output layer; it cannot classify "
+                              f"{n_way} classes (use at most {self.ways} ways)")
 
     # -- the inner problem --------------------------------------------------------------------
     def task_loss(self, params: dict[str, Tensor], hparams: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -198,4 +209,4 @@ class GradientLearner(MetaLearner):
         return torch.stack(preds)
 
 
-__all__ = ["GradientLearner", "check_inner_options", "make_network", "param_key", "per_parameter"]
+__all__ = ["BackboneConfig", "GradientConfig", "GradientLearner", "StepSizeConfig", "make_network", "param_key", "per_parameter"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,11 +29,40 @@ from torch.func import vmap
 
 import bilevel as bl
 from bilevel.data.sampler import Episodes
-from bilevel.hypergrad import Forward, NoInner, Strategy, from_string
+from bilevel.hypergrad import Forward, NoInner, Strategy
 from bilevel.learner import MetaLearner
-from learners.common import check_inner_options, make_network
+from bilevel.options import OptionError, option
+from learners.common import BackboneConfig, make_network
 
 VARIANTS = ("bilevel", "approx", "classic")
+
+
+@dataclass(frozen=True)
+class HyperReprConfig(BackboneConfig):
+    """Hyper-Representation's options."""
+
+    inner_steps: int = option(5, help="Inner steps T of the ground models at training time.", min=1)
+    inner_lr: float | None = option(None, help="Initial ground-model step size η (learned for --variant bilevel; "
+                                    "default 0.1, or 0.01 for regression).", min=0, min_open=True)
+    eval_steps: int | None = option(None, help="Inner steps at test time (default: --inner-steps).", min=1, eval=True)
+    hypergrad: Strategy | None = option(None, help="Hypergradient strategy (default reverse; implicit-cg:K needs --l2 > 0; "
+                                        "forward differentiates η only).")
+    variant: str = option("bilevel", help="bilevel, approx (no-inner) or classic (joint multitask), App. A.",
+                          choices=VARIANTS, paper="Franceschi et al. 2018, App. A")
+    l2: float = option(0.0, help="Ridge penalty (l2/2)·‖W‖² of each ground problem (paper: 0; implicit strategies need > 0).",
+                       min=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant != "bilevel" and self.hypergrad not in (None, NoInner()):
+            raise OptionError("hypergrad", f"variant={self.variant!r} fixes the hypergradient to no-inner (∂w_T/∂λ = 0); "
+                              f"got hypergrad={self.hypergrad!r}")
+        if isinstance(self.hypergrad, bl.Implicit) and self.l2 == 0:
+            raise OptionError("l2", "an implicit hypergradient needs a unique inner minimiser, but with l2 = 0 the ground "
+                              "problems (logistic or least-squares heads on few-shot features, which are separable / "
+                              "underdetermined) have none: the implicit gradient is then wrong (measured: cosine 0.59 "
+                              "with the unrolled one). Pass --l2 > 0 (e.g. 0.5, with enough --inner-steps for the heads "
+                              "to converge) or use reverse")
 
 
 class HyperRepr(MetaLearner):
@@ -67,67 +97,36 @@ class HyperRepr(MetaLearner):
       frozen. At test time every variant trains the ground model on the support and
       predicts the queries.
 
-    Args:
-        example_shape: [C, H, W] images or [D] vectors (filled in by the training loop).
-        ways: N for classification (the ground models use the episode's N, read from the
-            labels), ``None`` for regression (linear ground models, squared loss).
-        backbone: representation backbone name (default ``conv4-32``; ``mlp`` for vectors).
-        backbone_options: backbone kwargs (e.g. ``{"filters": 8}``); it must be pure
-            (``bn="task"`` or ``"none"``: no running statistics).
-        inner_steps: T at training time (default 5).
-        inner_lr: initial η (default 0.1 for classification, 0.01 for regression, whose
-            unnormalised features make the squared loss stiffer); it is learned
-            (log-parametrised, η = exp(log_eta)) for ``bilevel`` and frozen otherwise.
-        eval_steps: T at test time (default ``inner_steps``).
-        hypergrad: strategy text (see above); default ``"reverse"`` for ``bilevel``,
-            ``"no-inner"`` (the only accepted value) for ``approx``/``classic``.
-        variant: ``"bilevel"``, ``"approx"`` or ``"classic"``.
-        l2: ridge penalty (l2/2)·‖W^j‖² added to each ground problem (default 0, as the paper).
+    Options (:class:`HyperReprConfig`): ``backbone`` (default ``conv4-32``; ``mlp`` for vectors;
+    it must be pure: ``bn="task"`` or ``"none"``), ``filters``, ``inner_steps`` (T, default 5),
+    ``inner_lr`` (initial η; default 0.1 for classification, 0.01 for regression, whose
+    unnormalised features make the squared loss stiffer; learned as η = exp(log_eta) for
+    ``bilevel``, frozen otherwise), ``eval_steps``, ``hypergrad`` (default ``Reverse()`` for
+    ``bilevel``; ``NoInner()`` — the only accepted value — for ``approx``/``classic``),
+    ``variant`` and ``l2`` (ridge penalty (l2/2)·‖W^j‖² on each ground problem; default 0 as
+    the paper; implicit strategies need l2 > 0).
 
     Reference: Franceschi et al. (2018), §3 ("learning meta-representations"), §4, App. A.
     """
 
-    def __init__(
-        self,
-        *,
-        example_shape: Sequence[int],
-        ways: int | None,
-        backbone: str | None = None,
-        backbone_options: dict[str, Any] | None = None,
-        inner_steps: int = 5,
-        inner_lr: float | None = None,
-        eval_steps: int | None = None,
-        hypergrad: str | None = None,
-        variant: str = "bilevel",
-        l2: float = 0.0,
-    ) -> None:
-        super().__init__()
-        check_inner_options(inner_steps, eval_steps, inner_lr)
-        if not l2 >= 0:
-            raise ValueError(f"l2 must be >= 0, got {l2!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if variant != "bilevel" and hypergrad not in (None, "no-inner"):
-            raise ValueError(f"variant={variant!r} fixes the hypergradient to no-inner (∂w_T/∂λ = 0); got hypergrad={hypergrad!r}")
-        self.config = {
-            "example_shape": list(example_shape), "ways": ways, "backbone": backbone,
-            "backbone_options": dict(backbone_options or {}), "inner_steps": inner_steps,
-            "inner_lr": None if inner_lr is None else float(inner_lr), "eval_steps": eval_steps, "hypergrad": hypergrad,
-            "variant": variant, "l2": float(l2),
-        }
+    Config = HyperReprConfig
+
+    def __init__(self, *, example_shape: Sequence[int], ways: int | None, config: Any = None, **options: Any) -> None:
+        super().__init__(example_shape=example_shape, ways=ways, config=config, **options)
+        c = self.config
         self.task = "regression" if ways is None else "classification"
-        self.h = make_network(backbone, example_shape, ways, backbone_options, head=False)
+        self.h = make_network(c.backbone, example_shape, ways, c.network_options(), head=False)
         self._episodes_arg = "episodes" in inspect.signature(self.h.forward).parameters
         buffers = [k for k, _ in self.h.named_buffers()]
         if buffers:
-            raise ValueError(f"the representation must be pure (bn='task' or 'none'); it has buffers {buffers}")
-        self.inner_steps = inner_steps
-        self.eval_steps = eval_steps if eval_steps is not None else inner_steps
-        self.variant = variant
-        self.l2 = float(l2)
-        self.strategy: Strategy = NoInner() if variant != "bilevel" else from_string(hypergrad or "reverse")
-        eta0 = inner_lr if inner_lr is not None else (0.1 if ways is not None else 0.01)
-        self.log_eta = nn.Parameter(torch.tensor(math.log(eta0)), requires_grad=variant == "bilevel")
+            raise OptionError("backbone", f"the representation must be pure (bn='task' or 'none'); it has buffers {buffers}")
+        self.inner_steps = c.inner_steps
+        self.eval_steps = c.eval_steps if c.eval_steps is not None else c.inner_steps
+        self.variant = c.variant
+        self.l2 = c.l2
+        self.strategy: Strategy = NoInner() if c.variant != "bilevel" else (c.hypergrad or bl.Reverse())
+        eta0 = c.inner_lr if c.inner_lr is not None else (0.1 if ways is not None else 0.01)
+        self.log_eta = nn.Parameter(torch.tensor(math.log(eta0)), requires_grad=c.variant == "bilevel")
         self.problem = bl.BilevelProblem(self.inner_loss, self.inner_loss)
 
     # -- the batched ground problems ----------------------------------------------------------
@@ -199,4 +198,4 @@ def _eta(hparams: dict[str, Tensor]) -> Tensor:
     return hparams["log_eta"].exp()
 
 
-__all__ = ["VARIANTS", "HyperRepr"]
+__all__ = ["VARIANTS", "HyperRepr", "HyperReprConfig"]

@@ -14,6 +14,7 @@ MAML, and are meta-learned with the initialisation θ.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,8 @@ from torch import Tensor, nn
 
 import bilevel as bl
 from bilevel.dynamics import GDState
-from learners.common import GradientLearner, param_key
+from bilevel.options import option
+from learners.common import GradientLearner, StepSizeConfig, param_key
 
 # which matrices a parameter of a given rank gets (the mode they multiply, in order of application)
 FACTORS: dict[int, tuple[str, ...]] = {4: ("f", "i", "o"), 2: ("i", "o"), 1: ("b",)}
@@ -101,19 +103,31 @@ class CurvatureDescent(bl.Dynamics):
         return GDState(out)
 
 
+@dataclass(frozen=True)
+class MetaCurvatureConfig(StepSizeConfig):
+    """Meta-Curvature's options: the fixed inner step size may be changed at test time."""
+
+    inner_lr: float = option(0.4, help="Inner step size α (fixed; may differ at test time).", min=0, min_open=True,
+                             eval=True)
+
+
 class MetaCurvature(GradientLearner):
-    """Meta-Curvature (Park & Oliva 2019): w_t = w_{t−1} − α MC(∇L_support(w_{t−1}); M), w_0 = θ.
+    """Meta-Curvature (Park & Oliva 2019): gradients transformed by learned curvature matrices.
+
+    w_t = w_{t−1} − α MC(∇L_support(w_{t−1}); M), w_0 = θ.
 
     Invariant: with every M the identity (the initial value) the inner loop, and hence the
     meta-gradient w.r.t. θ, is MAML's exactly; the meta-loss gradient reaches θ and every M.
 
-    Args: see :class:`learners.common.GradientLearner` (``inner_lr`` is the fixed α).
+    Options: :class:`MetaCurvatureConfig` (``inner_lr`` is the fixed α).
 
     Attributes:
         curvature: ``nn.ModuleDict`` {param_key(name): ParameterDict {"o","i","f"} | {"o","i"} | {"b"}}.
             The input matrix of a linear head sees all its features (e.g. 1600×1600 for Conv-4
             at 84×84).
     """
+
+    Config = MetaCurvatureConfig
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -127,7 +141,7 @@ class MetaCurvature(GradientLearner):
         return {f"{k}.M_{x}": m for k in self._shapes for x, m in self.curvature[param_key(k)].items()}
 
     def dynamics(self) -> bl.Dynamics:
-        return CurvatureDescent(self.inner_lr, self._shapes)
+        return CurvatureDescent(self.config.inner_lr, self._shapes)
 
 
-__all__ = ["CurvatureDescent", "MetaCurvature", "curvature_factors", "curvature_transform"]
+__all__ = ["CurvatureDescent", "MetaCurvature", "MetaCurvatureConfig", "curvature_factors", "curvature_transform"]

@@ -18,19 +18,21 @@ network's learned initialisation. Biases start at b_f ~ U[4, 5] and b_i ~ U[−5
 f ≈ 1 and i ≈ 0.01 at first (small steps that keep θ); W_f, W_i ~ U[−0.01, 0.01].
 
 The paper ignores the second derivatives through ∇_t and L_t ("first-order"), the default
-here; ``hypergrad="reverse"`` differentiates through them too.
+here; ``hypergrad=Reverse()`` differentiates through them too.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 import bilevel as bl
-from learners.common import GradientLearner
+from bilevel.options import option
+from learners.common import GradientConfig, GradientLearner
 
 PREPROCESS_P = 10.0
 PREFIX = "meta_lstm."
@@ -130,35 +132,30 @@ class MetaLSTMOptimizer(nn.Module):
         self.b_i = nn.Parameter(torch.empty(()).uniform_(*input_bias))
 
 
+@dataclass(frozen=True)
+class MetaLSTMConfig(GradientConfig):
+    """Meta-LSTM's options (no inner step size: the step sizes are the learned input gates)."""
+
+    hidden_size: int = option(20, help="Units H of the first LSTM layer (0 feeds the preprocessed gradient and "
+                              "loss straight to the gates).", min=0, paper="Ravi & Larochelle 2017: 20")
+    inner_steps: int = option(5, help="Inner steps T at training time (the input gates start at i ≈ 0.01).", min=1)
+    hypergrad: bl.Strategy = option(bl.FirstOrder(), help="Hypergradient strategy (paper: first-order; reverse is exact).")
+
+
 class MetaLSTM(GradientLearner):
-    """Meta-LSTM (Ravi & Larochelle 2017): the learner network adapted by a learned LSTM optimiser.
+    """Meta-LSTM (Ravi & Larochelle 2017): an LSTM meta-learner as the inner optimiser.
 
     Invariant: w_0 = θ (the network's parameters), w_t = Φ_t(w_{t−1}) with Φ the LSTM update of
     :class:`MetaLSTMDynamics`; the meta-loss gradient reaches θ and the LSTM's weights. With
-    the default ``hypergrad="first-order"`` the inputs ∇_t, L_t are constants (the paper's
-    choice); ``"reverse"`` is exact.
-
-    Args:
-        hidden_size: units H of the first LSTM layer (paper: 20); 0 feeds (∇̃, L̃) straight to
-            the gates.
-        hypergrad: default ``"first-order"``.
-        inner_steps: T at training time (default 5: the input gates start at i ≈ 0.01, so a
-            single step would barely move θ).
-        inner_lr: refused (``ValueError``): the step sizes are the input gates.
-        **kwargs: the other options of :class:`learners.common.GradientLearner`.
+    the default ``hypergrad=FirstOrder()`` the inputs ∇_t, L_t are constants (the paper's
+    choice); ``Reverse()`` is exact. Options: :class:`MetaLSTMConfig`.
     """
 
-    def __init__(self, *, hidden_size: int = 20, hypergrad: str = "first-order", inner_steps: int = 5,
-                 inner_lr: float | None = None, **kwargs: Any) -> None:
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 0:
-            raise ValueError(f"hidden_size must be an integer >= 0, got {hidden_size!r}")
-        if inner_lr is not None:
-            raise ValueError("Meta-LSTM has no inner_lr: its step sizes are the learned input gates i_t "
-                             "(initial bias b_i ~ U[-5, -4], i ≈ 0.01)")
-        super().__init__(hypergrad=hypergrad, inner_steps=inner_steps, **kwargs)
-        del self.config["inner_lr"]  # not an option of this learner
-        self.config["hidden_size"] = hidden_size
-        self.meta_lstm = MetaLSTMOptimizer(hidden_size)
+    Config = MetaLSTMConfig
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.meta_lstm = MetaLSTMOptimizer(self.config.hidden_size)
 
     # the gates read each task's own loss L_t: run tasks one by one
     supports_task_batching = False
@@ -167,7 +164,7 @@ class MetaLSTM(GradientLearner):
         return {PREFIX + k: v for k, v in self.meta_lstm.named_parameters()}
 
     def dynamics(self) -> bl.Dynamics:
-        return MetaLSTMDynamics(self.config["hidden_size"])
+        return MetaLSTMDynamics(self.config.hidden_size)
 
 
-__all__ = ["MetaLSTM", "MetaLSTMDynamics", "MetaLSTMOptimizer", "MetaLSTMState", "preprocess"]
+__all__ = ["MetaLSTM", "MetaLSTMConfig", "MetaLSTMDynamics", "MetaLSTMOptimizer", "MetaLSTMState", "preprocess"]

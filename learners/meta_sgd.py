@@ -14,13 +14,15 @@ import torch
 from torch import Tensor
 
 import bilevel as bl
-from learners.common import GradientLearner, param_key, per_parameter
+from learners.common import GradientLearner, StepSizeConfig, param_key, per_parameter
 
 ALPHA = "alpha."
 
 
 class MetaSGD(GradientLearner):
-    """Meta-SGD (Li et al. 2017, Algorithm 1): w_t = w_{t−1} − α ⊙ ∇L_support(w_{t−1}), w_0 = θ.
+    """Meta-SGD (Li et al. 2017): learned initialisation and elementwise step sizes.
+
+    Algorithm 1: w_t = w_{t−1} − α ⊙ ∇L_support(w_{t−1}), w_0 = θ.
 
     Invariant: the hparams are ``{"alpha.<param name>": α}`` with α of the parameter's shape,
     initialised to ``inner_lr`` everywhere; with α ≡ ``inner_lr`` the inner loop is exactly
@@ -28,15 +30,17 @@ class MetaSGD(GradientLearner):
     ``hypergrad="first-order"`` the inner gradients are constants but α still gets
     d w_T/dα = −Σ_t g_t).
 
-    Args: see :class:`learners.common.GradientLearner` (``inner_lr`` is the initial α).
+    Options: :class:`learners.common.StepSizeConfig` (``inner_lr`` is the initial α).
 
     Attributes:
         alpha: ``nn.ParameterDict`` keyed by :func:`learners.common.param_key` of each weight.
     """
 
+    Config = StepSizeConfig
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.alpha = per_parameter(self.net, lambda _k, p: torch.full_like(p, self.inner_lr))
+        self.alpha = per_parameter(self.net, lambda _k, p: torch.full_like(p, self.config.inner_lr))
         self._names = [k for k, _ in self.net.named_parameters()]
 
     def hparams(self) -> dict[str, Tensor]:

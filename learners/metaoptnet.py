@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -27,12 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bilevel.learner import MetaLearner, n_way_of
+from bilevel.options import OptionError, option
 from bilevel.qp import solve_crammer_singer_dual, solve_qp
-from learners.common import make_network
+from learners.common import BackboneConfig, make_network
 
 __all__ = [
     "HEADS",
     "MetaOptNet",
+    "MetaOptNetConfig",
     "proto_head",
     "r2d2_head",
     "ridge_head",
@@ -436,70 +439,52 @@ def smoothed_cross_entropy(logits: Tensor, labels: Tensor, eps: float = 0.1) -> 
 HEADS = {"svm": svm_cs_head, "ridge": ridge_head, "r2d2": r2d2_head, "proto": proto_head}
 
 
-class MetaOptNet(MetaLearner):
-    """MetaOptNet (Lee et al. 2019): episodes classified by a convex base learner on f_φ(x).
+@dataclass(frozen=True)
+class MetaOptNetConfig(BackboneConfig):
+    """MetaOptNet's options (Lee et al. 2019, §4.1 for the paper's values)."""
 
-    Invariant: logits = γ · head(f_φ(query), f_φ(support), labels) with the head's classifier
+    head: str = option("svm", help="Convex base learner: svm (Crammer–Singer), ridge, r2d2 or proto.",
+                       choices=("svm", "ridge", "r2d2", "proto"))
+    C: float = option(0.1, help="SVM regularisation C.", min=0, min_open=True, paper="Lee et al. 2019: 0.1")
+    lam: float = option(50.0, help="Ridge/R2D2 regularisation λ.", min=0, min_open=True, paper="Lee et al. 2019: 50")
+    label_smoothing: float = option(0.0, help="Label smoothing ε of the meta-loss (1−ε on the label).", min=0, max=1,
+                                    max_open=True, paper="Lee et al. 2019: 0.1 (miniImageNet, ResNet-12)")
+    max_iter: int | None = option(None, help="SVM solver iterations at training time (default: solve exactly).", min=1)
+    eval_max_iter: int | None = option(None, help="SVM solver iterations at test time (default: solve exactly).", min=1,
+                                       eval=True)
+    scale: float = option(1.0, help="Initial value of the learnable logit scale γ.", min=0, min_open=True)
+
+
+class MetaOptNet(MetaLearner):
+    """MetaOptNet (Lee et al. 2019): differentiable convex heads on a backbone.
+
+    Episodes are classified by a convex base learner on f_φ(x). Invariant: logits =
+    γ · head(f_φ(query), f_φ(support), labels) with the head's classifier
     the argmin of a convex problem on the support embeddings (SVM-CS dual, ridge, R2D2) or the
     class means (ProtoNet); the meta-loss is the (label-smoothed) query cross-entropy, eq. (12),
     and its gradient w.r.t. φ and γ flows through the head by implicit differentiation of its
     optimality (KKT) conditions (eq. 5–8). The meta-training shot may exceed the test shot
-    (``--train-shots``, §4.1).
-
-    Args:
-        example_shape: [C, H, W] (filled in by the training loop); ways: N (unused by the heads,
-            which work for any N).
-        backbone: ``conv4`` (default), ``conv4-32``, ``resnet12``, ``resnet12-cifar``.
-        backbone_options: extra backbone kwargs (e.g. ``{"filters": 32}``).
-        head: ``svm`` (Crammer–Singer), ``ridge``, ``r2d2`` or ``proto``.
-        C: SVM regularisation (paper 0.1); lam: ridge/R2D2 regularisation (paper 50).
-        label_smoothing: ε of the meta-loss (paper: 0.1 for miniImageNet with ResNet-12).
-        max_iter, eval_max_iter: SVM solver iterations at training/test time; ``None`` solves
-            to convergence (the paper uses 15 and 3 with qpth, §4.1 "early stopping").
-        scale: initial γ.
+    (``--train-shots``, §4.1). Options: :class:`MetaOptNetConfig` (``backbone``: ``conv4``
+    (default), ``conv4-32``, ``resnet12``, ``resnet12-cifar``).
 
     Reference: K. Lee, S. Maji, A. Ravichandran, S. Soatto. *Meta-Learning with Differentiable
     Convex Optimization*, CVPR 2019.
     """
 
-    def __init__(
-        self,
-        *,
-        example_shape: Sequence[int],
-        ways: int | None,
-        backbone: str | None = None,
-        backbone_options: dict[str, Any] | None = None,
-        head: str = "svm",
-        C: float = 0.1,
-        lam: float = 50.0,
-        label_smoothing: float = 0.0,
-        max_iter: int | None = None,
-        eval_max_iter: int | None = None,
-        scale: float = 1.0,
-    ) -> None:
-        super().__init__()
+    Config = MetaOptNetConfig
+    train_defaults = {"optimizer": "sgd", "outer_lr": 0.1, "weight_decay": 5e-4}
+
+    def __init__(self, *, example_shape: Sequence[int], ways: int | None, config: Any = None, **options: Any) -> None:
+        super().__init__(example_shape=example_shape, ways=ways, config=config, **options)
         if ways is None:
-            raise ValueError("MetaOptNet is a classification learner; the sinusoid needs a regression learner (e.g. maml)")
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
-        _positive("C", C)
-        _positive("lam", lam)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        for name, v in (("max_iter", max_iter), ("eval_max_iter", eval_max_iter)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
-        self.config = {
-            "example_shape": list(example_shape), "ways": ways, "backbone": backbone,
-            "backbone_options": dict(backbone_options or {}), "head": head, "C": float(C), "lam": float(lam),
-            "label_smoothing": float(label_smoothing), "max_iter": max_iter, "eval_max_iter": eval_max_iter,
-            "scale": float(scale),
-        }
-        self.embed = make_network(backbone or "conv4", example_shape, ways, backbone_options, head=False)
+            raise OptionError("dataset", "MetaOptNet is a classification learner; the sinusoid needs a regression "
+                              "learner (e.g. maml)")
+        c = self.config
+        self.embed = make_network(c.backbone or "conv4", example_shape, ways, c.network_options(), head=False)
         self._episodes_arg = "episodes" in inspect.signature(self.embed.forward).parameters
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
-        self.head = head
-        self.label_smoothing = float(label_smoothing)
+        self.scale = nn.Parameter(torch.tensor(float(c.scale)))
+        self.head = c.head
+        self.label_smoothing = c.label_smoothing
 
     def embed_episodes(self, x: Tensor) -> Tensor:
         """f_φ(x) for B episodes [B, n, C, H, W] -> [B, n, d], BatchNorm statistics per episode.
@@ -513,10 +498,11 @@ class MetaOptNet(MetaLearner):
         return torch.stack([self.embed(x[j]) for j in range(b)])
 
     def head_options(self, train: bool) -> dict[str, Any]:
+        c = self.config
         if self.head == "svm":
-            return {"C": self.config["C"], "max_iter": self.config["max_iter"] if train else self.config["eval_max_iter"]}
+            return {"C": c.C, "max_iter": c.max_iter if train else c.eval_max_iter}
         if self.head in ("ridge", "r2d2"):
-            return {"lam": self.config["lam"]}
+            return {"lam": c.lam}
         return {}
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, train: bool = True) -> Tensor:

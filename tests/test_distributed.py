@@ -7,7 +7,6 @@ branch yet are skipped with the reason; they run as soon as their module is impo
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -32,17 +31,13 @@ META_BATCH = 8
 WAYS, SHOTS, QUERIES = 3, 1, 2
 BACKBONE = {"backbone": "conv4", "backbone_options": {"filters": 4}}
 
-# name -> (factory, constructor kwargs besides example_shape / ways / backbone)
+# name -> (registered learner, options besides the backbone)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "maml-second-order": ("learners.maml:MAML", {"inner_steps": 2, "inner_lr": 0.3, "hypergrad": "reverse"}),
-    "meta-sgd": ("learners.meta_sgd:MetaSGD", {"inner_steps": 2, "inner_lr": 0.3}),
-    "hyper-repr": ("learners.hyper_repr:HyperRepr", {}),
-    "metaoptnet-svm": ("learners.metaoptnet:MetaOptNet", {"head": "svm"}),
+    "maml-second-order": ("maml", {"inner_steps": 2, "inner_lr": 0.3}),
+    "meta-sgd": ("meta-sgd", {"inner_steps": 2, "inner_lr": 0.3}),
+    "hyper-repr": ("hyper-repr", {}),
+    "metaoptnet-svm": ("metaoptnet", {"head": "svm"}),
 }
-
-
-def _available(name: str) -> bool:
-    return importlib.util.find_spec(CASES[name][0].split(":")[0]) is not None
 
 
 def _sampler(split: str = "train", meta_batch: int = META_BATCH):
@@ -71,12 +66,12 @@ class _Float64Sampler:
 
 def _run_case(name: str, rank: int, world: int) -> dict[str, Any]:
     """Two outer SGD-momentum steps of learner ``name`` in float64 on this rank's share."""
-    from bilevel.io import _resolve_factory
+    from bilevel.registry import get_learner
     from bilevel.train import _share, evaluate_learner, meta_gradient
 
-    factory, kwargs = CASES[name]
+    learner_name, kwargs = CASES[name]
     torch.manual_seed(0)
-    learner = _resolve_factory(factory)(example_shape=[1, 16, 16], ways=WAYS, **BACKBONE, **kwargs).double()
+    learner = get_learner(learner_name).factory(example_shape=[1, 16, 16], ways=WAYS, **BACKBONE, **kwargs).double()
     params = [p for p in learner.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     sampler = _sampler()
@@ -112,7 +107,7 @@ def _sin_fit(out: str, iterations: int, resume: bool | str = False) -> dict[str,
 
     cfg = TrainConfig(iterations=iterations, val_every=2, val_episodes=5, test_episodes=6, checkpoint_every=2, out=out,
                       progress=False, tensorboard=False, seed=3)
-    return fit("learners.maml:MAML", {"inner_lr": 0.01, "inner_steps": 1},
+    return fit("maml", {"inner_lr": 0.01, "inner_steps": 1},
                DataConfig(dataset="sinusoid", shots=5, queries=5, meta_batch=4), cfg, resume=resume)
 
 
@@ -121,10 +116,10 @@ def _fit_in_group(rank: int, out: str) -> dict[str, Any]:
     res: dict[str, Any] = {"first": _sin_fit(out, 2)}
     try:
         _sin_fit(out, 4)
-    except FileExistsError as e:
+    except ValueError as e:
         res["exists"] = str(e)
     res["resumed"] = _sin_fit(out, 4, resume=True)
-    res["state"] = torch.load(Path(out) / "checkpoint.pt", weights_only=False)["learner"] if rank == 0 else None
+    res["state"] = torch.load(Path(out) / "checkpoint.pt", weights_only=True)["learner"] if rank == 0 else None
     return res
 
 
@@ -153,7 +148,7 @@ def _worker(rank: int, world: int, store: str, out: str, names: list[str]) -> No
 def two_ranks(tmp_path_factory) -> dict[int, dict[str, Any]]:
     """Run every importable case once on 2 gloo ranks (one spawn for all: process start is slow)."""
     tmp = tmp_path_factory.mktemp("dist")
-    names = [n for n in CASES if _available(n)]
+    names = list(CASES)
     ctx = mp.start_processes(_worker, args=(WORLD, str(tmp / "store"), str(tmp / "result"), names), nprocs=WORLD,
                              join=False, start_method="spawn")
     deadline = time.time() + 240
@@ -171,7 +166,6 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_take_the_step_of_one_process(name, two_ranks, f64):
-    pytest.importorskip(CASES[name][0].split(":")[0], reason=f"{CASES[name][0]} is not on this branch yet")
     ref = _run_case(name, rank=0, world=1)
     assert ref["share"] == list(range(META_BATCH))
     assert two_ranks[0][name]["share"] == [0, 1, 2, 3] and two_ranks[1][name]["share"] == [4, 5, 6, 7]
@@ -185,12 +179,12 @@ def test_two_ranks_take_the_step_of_one_process(name, two_ranks, f64):
         assert got["eval"]["mean"] == pytest.approx(ref["eval"]["mean"], rel=1e-9, abs=1e-12)
         assert got["eval"]["ci95"] == pytest.approx(ref["eval"]["ci95"], rel=1e-9, abs=1e-12)
     # the harness can fail: half of the meta-batch alone gives another gradient
-    from bilevel.io import _resolve_factory
+    from bilevel.registry import get_learner
     from bilevel.train import meta_gradient
 
-    factory, kwargs = CASES[name]
+    learner_name, kwargs = CASES[name]
     torch.manual_seed(0)
-    learner = _resolve_factory(factory)(example_shape=[1, 16, 16], ways=WAYS, **BACKBONE, **kwargs).double()
+    learner = get_learner(learner_name).factory(example_shape=[1, 16, 16], ways=WAYS, **BACKBONE, **kwargs).double()
     params = [p for p in learner.parameters() if p.requires_grad]
     meta_gradient(learner, _double(_sampler().sample(0, indices=[0, 1, 2, 3])), params)
     assert _relative(torch.cat([p.grad.reshape(-1) for p in params]), ref["grad"]) > 1e-3
@@ -214,7 +208,7 @@ def test_fit_in_a_process_group_refuses_reuse_on_every_rank_and_resumes(two_rank
     # the same run in one process (2 + 2 iterations) ends with the same parameters
     _sin_fit(str(tmp_path / "one"), 2)
     one = _sin_fit(str(tmp_path / "one"), 4, resume=True)
-    ref = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["learner"]
+    ref = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["learner"]
     for k, v in ref.items():
         torch.testing.assert_close(two_ranks[0]["_fit"]["state"][k], v, rtol=1e-5, atol=1e-6)
     assert one["test"]["mean"] == pytest.approx(two_ranks[0]["_fit"]["resumed"]["test"]["mean"], rel=1e-4)
@@ -234,7 +228,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 def _iteration(path: Path) -> int:
     try:
-        return int(torch.load(path, weights_only=False)["iteration"])
+        return int(torch.load(path, weights_only=True)["iteration"])
     except Exception:  # noqa: BLE001 - not written yet
         return 0
 
@@ -263,7 +257,7 @@ def _kill_a_rank_midway(cmd: list[str], out: Path) -> tuple[subprocess.Completed
 
 
 def _params(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoint.pt", weights_only=False)["learner"]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["learner"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the rank processes through /proc (Linux)")
@@ -279,7 +273,7 @@ def test_nproc2_matches_one_process_and_a_killed_rank_leaves_a_resumable_checkpo
     assert died.returncode == 1, died.stderr[-3000:]
     assert "was killed by SIGKILL" in died.stderr and "is intact: run the same command with --resume" in died.stderr
     assert not (two / "metrics.json").exists()
-    ckpt = torch.load(two / "checkpoint.pt", weights_only=False)  # intact (atomic writes by rank 0)
+    ckpt = torch.load(two / "checkpoint.pt", weights_only=True)  # intact (atomic writes by rank 0)
     assert ckpt["identity"]["world_size"] == 2 and killed_at <= ckpt["iteration"] < ITERATIONS
     assert len(ckpt["rng"]) == 2  # one RNG state per rank
 
@@ -348,6 +342,6 @@ def test_resume_auto_starts_or_continues(tmp_path):
     first = _sin_fit(str(tmp_path), 2, resume="auto")  # nothing there: a new run
     assert first["iterations"] == 2
     _sin_fit(str(tmp_path), 4, resume="auto")  # continues from iteration 2
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] == 4
     with pytest.raises(ValueError, match="resume must be True, False or 'auto'"):
         _sin_fit(str(tmp_path), 4, resume="yes")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import bilevel as bl
 from learners_tasks import grads_of, image_episodes, regression_episodes
 
 from learners.maml import MAML
@@ -11,7 +13,7 @@ from learners.meta_lstm import MetaLSTM
 from learners.meta_sgd import MetaSGD
 
 CASES = [
-    (MAML, {"inner_lr": 0.1}), (MAML, {"inner_lr": 0.1, "hypergrad": "first-order"}),
+    (MAML, {"inner_lr": 0.1}), (MAML, {"inner_lr": 0.1, "hypergrad": bl.FirstOrder()}),
     (MetaSGD, {"inner_lr": 0.1}), (MetaCurvature, {"inner_lr": 0.1}),
 ]
 

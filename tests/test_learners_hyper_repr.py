@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import bilevel as bl
 import torch.nn.functional as F
 from learners_tasks import grads_of, image_episodes, regression_episodes
 
@@ -41,7 +43,7 @@ def _manual_meta_loss(m: HyperRepr, ep: Episodes, steps: int, l2: float = 0.0) -
 def test_reverse_matches_manual_per_episode_unroll(gen: torch.Generator, f64: torch.dtype) -> None:
     ep = _episodes(gen, f64)
     m = _learner(f64, inner_steps=4, inner_lr=0.5, l2=0.1)
-    assert m.h.out_features == 4 and m.config["backbone"] is None and m.strategy.__class__.__name__ == "Reverse"
+    assert m.h.out_features == 4 and m.config.backbone is None and m.strategy.__class__.__name__ == "Reverse"
     loss = m.meta_loss(ep)[0]
     ref = _manual_meta_loss(m, ep, 4, l2=0.1)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
@@ -71,7 +73,7 @@ def test_implicit_matches_reverse_when_converged(gen: torch.Generator, f64: torc
     """l2 > 0 makes each ground problem strongly convex; 800 steps reach its minimiser."""
     ep = _episodes(gen, f64, b=2)
     rev = _learner(f64, inner_steps=800, inner_lr=0.5, l2=0.5)
-    imp = _learner(f64, inner_steps=800, inner_lr=0.5, l2=0.5, hypergrad="implicit-cg:50")
+    imp = _learner(f64, inner_steps=800, inner_lr=0.5, l2=0.5, hypergrad=bl.Implicit(bl.CG(50)))
     w = rev.fit_ground_models(rev.features(ep.support_x), ep.support_y, 800)
     stationarity = torch.autograd.grad(rev.inner_loss(w, {"features": rev.features(ep.support_x).detach()}, ep.support_y), w["W"])[0]
     assert stationarity.abs().max().item() < 1e-10
@@ -84,7 +86,7 @@ def test_implicit_matches_reverse_when_converged(gen: torch.Generator, f64: torc
 
 def test_forward_gives_exact_eta_and_approx_representation_gradient(gen: torch.Generator, f64: torch.dtype) -> None:
     ep = _episodes(gen, f64)
-    rev, fwd = _learner(f64, inner_steps=4, inner_lr=0.5), _learner(f64, inner_steps=4, inner_lr=0.5, hypergrad="forward")
+    rev, fwd = _learner(f64, inner_steps=4, inner_lr=0.5), _learner(f64, inner_steps=4, inner_lr=0.5, hypergrad=bl.Forward())
     approx = _learner(f64, inner_steps=4, inner_lr=0.5, variant="approx")
     g_rev, g_fwd = grads_of(rev.meta_loss(ep)[0], rev), grads_of(fwd.meta_loss(ep)[0], fwd)
     assert g_fwd["log_eta"].item() == pytest.approx(g_rev["log_eta"].item(), rel=1e-10)
@@ -131,7 +133,7 @@ def test_classic_is_joint_training_error_without_split(gen: torch.Generator, f64
 
 
 @pytest.mark.parametrize(("kw", "match"), [({"variant": "joint"}, "variant must be one of"),
-                                            ({"variant": "approx", "hypergrad": "reverse"}, "fixes the hypergradient"),
+                                            ({"variant": "approx", "hypergrad": bl.Reverse()}, "fixes the hypergradient"),
                                             ({"l2": -1.0}, "l2 must be"),
                                             ({"backbone_options": {"filters": 4, "bn": "running"}}, "must be pure")])
 def test_bad_options(kw: dict, match: str) -> None:

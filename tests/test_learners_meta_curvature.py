@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import bilevel as bl
 from learners_tasks import directional_fd, dot, grads_of, image_episodes, random_direction
 
 from learners.maml import MAML
@@ -30,7 +32,7 @@ def test_mode_products_match_einsum(gen: torch.Generator, f64: torch.dtype) -> N
         curvature_factors((2, 2, 2))
 
 
-@pytest.mark.parametrize("hypergrad", ["reverse", "first-order"])
+@pytest.mark.parametrize("hypergrad", [bl.Reverse(), bl.FirstOrder()], ids=["reverse", "first-order"])
 def test_identity_matrices_reproduce_maml(gen: torch.Generator, f64: torch.dtype, hypergrad: str) -> None:
     ep = image_episodes(gen, f64)
     torch.manual_seed(1)
@@ -70,7 +72,7 @@ def test_matrix_gradient_matches_finite_differences(gen: torch.Generator, f64: t
 def test_one_step_matrix_gradient_closed_form(gen: torch.Generator, f64: torch.dtype) -> None:
     """T = 1, first order: w_1 = θ − α M_o G M_iᵀ for the head, so dE/dM_o = −α (∇E(w_1)) (G M_iᵀ)ᵀ."""
     ep = image_episodes(gen, f64, b=1)
-    mc = _perturbed(gen, f64, inner_steps=1, hypergrad="first-order")
+    mc = _perturbed(gen, f64, inner_steps=1, hypergrad=bl.FirstOrder())
     got = grads_of(mc.meta_loss(ep)[0], mc)
     theta = {k: v.detach().requires_grad_(True) for k, v in mc.net.named_parameters()}
     ce = torch.nn.functional.cross_entropy

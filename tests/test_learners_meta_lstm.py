@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+import bilevel as bl
 from learners_tasks import directional_fd, dot, grads_of, mlp_forward, random_direction, regression_episodes
 
 from learners.meta_lstm import MetaLSTM, MetaLSTMDynamics, preprocess
@@ -109,7 +111,7 @@ def test_first_layer_is_an_lstm_cell(gen: torch.Generator, f64: torch.dtype) -> 
 def test_reverse_meta_gradient_matches_finite_differences(gen: torch.Generator, f64: torch.dtype) -> None:
     ep = regression_episodes(gen, f64)
     torch.manual_seed(0)
-    m = MetaLSTM(**TINY, hidden_size=4, inner_steps=3, hypergrad="reverse").to(f64)
+    m = MetaLSTM(**TINY, hidden_size=4, inner_steps=3, hypergrad=bl.Reverse()).to(f64)
     with torch.no_grad():  # livelier gates so that every weight matters
         m.meta_lstm.b_i.fill_(-1.0)
         m.meta_lstm.w_f.mul_(30)
@@ -126,7 +128,7 @@ def test_first_order_meta_gradient_matches_manual_unroll(gen: torch.Generator, f
     ep = regression_episodes(gen, f64, b=1)
     torch.manual_seed(0)
     m = MetaLSTM(**TINY, hidden_size=0, inner_steps=2).to(f64)
-    assert m.config["hypergrad"] == "first-order" and m.config["hidden_size"] == 0
+    assert m.config.hypergrad == bl.FirstOrder() and m.config.hidden_size == 0
     got = grads_of(m.meta_loss(ep)[0], m)
     lstm = m.meta_lstm
     theta = dict(m.net.named_parameters())
@@ -152,10 +154,10 @@ def test_first_order_meta_gradient_matches_manual_unroll(gen: torch.Generator, f
 def test_bad_options_and_config_round_trip() -> None:
     with pytest.raises(ValueError, match="hidden_size"):
         MetaLSTM(**TINY, hidden_size=-1)
-    with pytest.raises(ValueError, match="no inner_lr"):
+    with pytest.raises(ValueError, match="MetaLSTM has no option 'inner_lr'"):
         MetaLSTM(**TINY, inner_lr=0.1)
     m = MetaLSTM(**TINY, hidden_size=3)
-    assert "inner_lr" not in m.config and m.config["inner_steps"] == 5
-    rebuilt = type(m)(**m.config)
+    assert not hasattr(m.config, "inner_lr") and m.config.inner_steps == 5
+    rebuilt = type(m).from_json(m.to_json())
     rebuilt.load_state_dict(m.state_dict())
     assert rebuilt.meta_lstm.weight_hh.shape == (12, 3)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import bilevel as bl
 from learners_tasks import directional_fd, dot, grads_of, mlp_forward, random_direction, regression_episodes
 
 from learners.maml import MAML
@@ -35,12 +37,12 @@ def _manual_meta_loss(m: MetaSGD, ep, steps: int, first_order: bool) -> torch.Te
     return torch.stack(losses).mean()
 
 
-@pytest.mark.parametrize("hypergrad", ["reverse", "first-order"])
-def test_meta_gradient_matches_manual_unroll(gen: torch.Generator, f64: torch.dtype, hypergrad: str) -> None:
+@pytest.mark.parametrize("hypergrad", [bl.Reverse(), bl.FirstOrder()], ids=["reverse", "first-order"])
+def test_meta_gradient_matches_manual_unroll(gen: torch.Generator, f64: torch.dtype, hypergrad: bl.Strategy) -> None:
     ep = regression_episodes(gen, f64)
     m = _learner(gen, f64, inner_steps=2, hypergrad=hypergrad)
     loss, _ = m.meta_loss(ep)
-    ref = _manual_meta_loss(m, ep, 2, first_order=hypergrad == "first-order")
+    ref = _manual_meta_loss(m, ep, 2, first_order=hypergrad == bl.FirstOrder())
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     got, want = grads_of(loss, m), grads_of(ref, m)
     assert set(got) == {k for k, _ in m.named_parameters()} and any(k.startswith("alpha.") for k in got)
@@ -64,7 +66,7 @@ def test_meta_gradient_matches_finite_differences(gen: torch.Generator, f64: tor
 def test_one_step_first_order_closed_form(gen: torch.Generator, f64: torch.dtype) -> None:
     """T = 1, first order: dE/dα = −g ⊙ ∇E(w_1) and dE/dθ = ∇E(w_1) with g = ∇L(θ)."""
     ep = regression_episodes(gen, f64, b=1)
-    m = _learner(gen, f64, inner_steps=1, hypergrad="first-order")
+    m = _learner(gen, f64, inner_steps=1, hypergrad=bl.FirstOrder())
     got = grads_of(m.meta_loss(ep)[0], m)
     theta = {k: v.detach().requires_grad_(True) for k, v in m.net.named_parameters()}
     g = torch.autograd.grad(((mlp_forward(theta, ep.support_x[0]) - ep.support_y[0]) ** 2).mean(), list(theta.values()))

@@ -5,6 +5,8 @@ import pytest
 import torch
 from learners_tasks import grads_of, image_episodes, regression_episodes
 
+from bilevel.hypergrad import from_string
+
 from learners.hyper_repr import HyperRepr
 from learners.meta_curvature import MetaCurvature
 from learners.meta_lstm import MetaLSTM
@@ -20,7 +22,7 @@ def test_reverse_checkpointed_forward_agree(gen: torch.Generator, f64: torch.dty
     grads = {}
     for hypergrad in ("reverse", "checkpointed:2", "forward"):
         torch.manual_seed(0)
-        m = cls(**TINY, **extra, hypergrad=hypergrad).to(f64)
+        m = cls(**TINY, **extra, hypergrad=from_string(hypergrad)).to(f64)
         grads[hypergrad] = grads_of(m.meta_loss(ep)[0], m)
     assert len(grads["reverse"]) == len(list(m.parameters()))
     for hypergrad in ("checkpointed:2", "forward"):
@@ -33,7 +35,7 @@ def test_hyper_repr_checkpointed_matches_reverse(gen: torch.Generator, f64: torc
     grads = {}
     for hypergrad in ("reverse", "checkpointed:2"):
         torch.manual_seed(0)
-        m = HyperRepr(example_shape=[1, 16, 16], ways=3, backbone_options={"filters": 2}, inner_steps=5, hypergrad=hypergrad).to(f64)
+        m = HyperRepr(example_shape=[1, 16, 16], ways=3, backbone_options={"filters": 2}, inner_steps=5, hypergrad=from_string(hypergrad)).to(f64)
         grads[hypergrad] = grads_of(m.meta_loss(ep)[0], m)
     for k, v in grads["reverse"].items():
         torch.testing.assert_close(grads["checkpointed:2"][k], v, rtol=1e-10, atol=1e-14, msg=k)

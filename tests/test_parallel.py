@@ -55,7 +55,7 @@ def test_training_with_task_threads_follows_the_same_trajectory(tmp_path):
     preds = {}
     for k in (1, 2):
         out = tmp_path / str(k)
-        fit("learners.maml:MAML", {"inner_lr": 0.4, "backbone_options": {"filters": 8}},
+        fit("maml", {"inner_lr": 0.4, "filters": 8},
             DataConfig(dataset="glyphs", ways=3, shots=1, queries=2, meta_batch=4),
             TrainConfig(iterations=4, val_every=4, val_episodes=2, test_episodes=2, out=str(out),
                         progress=False, tensorboard=False, task_threads=k, threads=2))

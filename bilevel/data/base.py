@@ -306,7 +306,7 @@ def cached(
         except Exception as e:  # noqa: BLE001 - a broken cache is rebuilt, not fatal
             warnings.warn(f"ignoring unreadable cache file {path} ({e}); rebuilding", stacklevel=3)
     value = build()
-    from bilevel.io import atomic_save
+    from bilevel._atomic import atomic_save
 
     try:
         atomic_save(value, path)

@@ -69,6 +69,8 @@ def cholesky_jittered(H: Tensor, jitter: float, tries: int = 6, *, inplace: bool
 
 
 def finite_or_raise(name: str, t: Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` when ``t`` holds NaN or Inf."""
+    """Raise :class:`bilevel.NonFiniteError` (a ``ValueError``) naming ``name`` when ``t`` holds NaN or Inf."""
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or Inf); shape {tuple(t.shape)}")
+        from bilevel._engine import NonFiniteError
+
+        raise NonFiniteError(f"{name} contains non-finite values (NaN or Inf); shape {tuple(t.shape)}")

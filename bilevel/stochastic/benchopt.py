@@ -147,7 +147,7 @@ def _solver_class() -> type:
             state = self.algo.init(self.oracles, self.inner0, self.outer0, self.inner_batches, self.outer_batches,
                                    seed=self.random_state)
             self.state = state
-            n = self.eval_freq if isinstance(callback, type(None)) is False else 1
+            n = self.eval_freq
             while callback():
                 for _ in range(n):
                     state = self.algo.step(state, self.oracles, self.inner_batches, self.outer_batches)

@@ -76,6 +76,17 @@ def _inner_sgd(o: Oracles, z: Params, x: Params, batches: Batches, sampler: Samp
     return z, sampler
 
 
+def _check_double_loop(solver: Any, second: str) -> None:
+    """Validate AmIGO/StocBiO options: step sizes, inner steps and the second loop's steps/step size."""
+    name = type(solver).__name__
+    check_positive(f"{name}(step_size=...)", solver.step_size)
+    check_positive(f"{name}(outer_ratio=...)", solver.outer_ratio)
+    check_positive(f"{name}(inner_steps=...)", solver.inner_steps, integer=True)
+    check_positive(f"{name}({second}_steps=...)", getattr(solver, f"{second}_steps"), integer=True)
+    if getattr(solver, f"{second}_step_size") is not None:
+        check_positive(f"{name}({second}_step_size=...)", getattr(solver, f"{second}_step_size"))
+
+
 # ============================================================================ SOBA
 class SOBAState(NamedTuple):
     """State of :class:`SOBA`: iterates (z, v, x), the step count t and the two samplers."""
@@ -309,12 +320,7 @@ class AmIGO(_Solver):
     linsys_step_size: float | None = None
 
     def __post_init__(self) -> None:
-        check_positive("AmIGO(step_size=...)", self.step_size)
-        check_positive("AmIGO(outer_ratio=...)", self.outer_ratio)
-        check_positive("AmIGO(inner_steps=...)", self.inner_steps, integer=True)
-        check_positive("AmIGO(linsys_steps=...)", self.linsys_steps, integer=True)
-        if self.linsys_step_size is not None:
-            check_positive("AmIGO(linsys_step_size=...)", self.linsys_step_size)
+        _check_double_loop(self, "linsys")
 
     def init(self, problem: BilevelProblem | Oracles, inner0: Params, outer0: Params, inner_batches: Batches,
              outer_batches: Batches, *, seed: int = 0) -> AmIGOState:
@@ -380,12 +386,7 @@ class StocBiO(_Solver):
     neumann_step_size: float | None = None
 
     def __post_init__(self) -> None:
-        check_positive("StocBiO(step_size=...)", self.step_size)
-        check_positive("StocBiO(outer_ratio=...)", self.outer_ratio)
-        check_positive("StocBiO(inner_steps=...)", self.inner_steps, integer=True)
-        check_positive("StocBiO(neumann_steps=...)", self.neumann_steps, integer=True)
-        if self.neumann_step_size is not None:
-            check_positive("StocBiO(neumann_step_size=...)", self.neumann_step_size)
+        _check_double_loop(self, "neumann")
 
     def init(self, problem: BilevelProblem | Oracles, inner0: Params, outer0: Params, inner_batches: Batches,
              outer_batches: Batches, *, seed: int = 0) -> StocBiOState:

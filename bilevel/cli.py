@@ -443,6 +443,14 @@ def plot(out: str) -> None:
     click.echo(str(path))
 
 
+def _attach_bench() -> None:
+    from bilevel.stochastic.cli import bench
+
+    main.add_command(bench)
+
+
+_attach_bench()
+
 __all__ = ["EXIT_CODES", "main", "method_group"]
 
 

@@ -338,7 +338,7 @@ def method_group(name: str, cls: Any) -> click.Group:
         from bilevel.train import DataConfig, TrainConfig
 
         nproc, resume, out = o.pop("nproc"), o.pop("resume"), o.pop("out")
-        command = list(sys.argv)
+        command = list(click.get_current_context().meta.get("bilevel.argv", sys.argv))
         with _errors_to_messages(out, command):
             data = opts.from_text(DataConfig, _given(DataConfig, o))
             cfg = opts.from_text(TrainConfig, {**_given(TrainConfig, o), "out": out}).resolved(cls)
@@ -412,6 +412,10 @@ def _echo_result(label: str, t: dict[str, Any], tail: str) -> None:
 
 class _Main(click.Group):
     """The ``bilevel`` group: fixed commands plus one group per registered learner (built on demand)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["bilevel.argv"] = ["bilevel", *args]  # the command line as typed (recorded in config.yaml)
+        return super().parse_args(ctx, args)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(registry.learner_names()))

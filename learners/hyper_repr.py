@@ -66,7 +66,7 @@ class HyperReprConfig(BackboneConfig):
 
 
 class HyperRepr(MetaLearner):
-    """Hyper-Representation: a meta-learned representation under per-episode logistic regressors.
+    """Hyper-Representation (Franceschi et al. 2018): a meta-learned representation under per-episode logistic heads.
 
     Invariant (``variant="bilevel"``): ``meta_loss`` is f(λ, η) of the module docstring and its
     gradient is the hypergradient of the chosen strategy:

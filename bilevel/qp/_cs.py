@@ -65,7 +65,8 @@ def _mv(M: Tensor, v: Tensor) -> Tensor:
 class _Direct:
     """Explicit factorisation of the class-separable system (class-major vectors ``[B, m, n]``).
 
-    For class ``k`` with free mask ``f_k`` (1 free, 0 fixed) and weights ``w_k`` on free entries::
+    For class ``k`` with free mask ``f_k`` (1 free, 0 fixed) and weights ``w_k`` on free entries
+    (``relative_jitter``: regularise relative to each matrix's scale, for unscaled problems)::
 
         H_k = F_k K F_k + diag(f_k w_k + (1 - f_k)),    S = sum_k H_k^-1 F_k
 
@@ -74,24 +75,27 @@ class _Direct:
     Cost: ``m`` Cholesky factorisations and inverses of ``n x n`` matrices.
     """
 
-    def __init__(self, K: Tensor, m: int, f: Tensor | None, w: Tensor | float) -> None:
+    def __init__(self, K: Tensor, m: int, f: Tensor | None, w: Tensor | float,
+                 relative_jitter: float | None = None) -> None:
+        jit, rel = (_JITTER, False) if relative_jitter is None else (relative_jitter, True)
         if f is None:
             if not isinstance(w, float):
                 raise TypeError("a shared factorisation needs a scalar weight")
             H = K.clone()
             H.diagonal(dim1=-2, dim2=-1).add_(w)
-            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, _JITTER, inplace=True), upper=True)[:, None]
+            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, jit, inplace=True, relative=rel),
+                                               upper=True)[:, None]
             S = m * self.Hinv[:, 0]
         else:
             H = K[:, None].expand(-1, m, -1, -1).clone()
             H.mul_(f[..., :, None]).mul_(f[..., None, :])
             H.diagonal(dim1=-2, dim2=-1).add_(f * w + (1 - f))
-            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, _JITTER, inplace=True), upper=True)
+            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, jit, inplace=True, relative=rel), upper=True)
             # H_k^-1 F_k = H_k^-1 minus its (diagonal) fixed block
             S = self.Hinv.sum(1)
             S.diagonal(dim1=-2, dim2=-1).sub_(((1 - f) * self.Hinv.diagonal(dim1=-2, dim2=-1)).sum(1))
         self.f = f
-        self.Ls = cholesky_jittered(S, _JITTER, inplace=True)
+        self.Ls = cholesky_jittered(S, jit, inplace=True, relative=rel)
 
     def select(self, keep: Tensor) -> "_Direct":
         out = _Direct.__new__(_Direct)

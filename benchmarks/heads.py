@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bilevel.qp import kkt_residual, solve_crammer_singer_dual, solve_qp
-from learners.metaoptnet import proto_head, r2d2_head, ridge_head, svm_cs_head
+from learners.heads import proto_head, r2d2_head, ridge_head, svm_cs_head
 
 CONFIGS = [(5, 1), (5, 5), (5, 15), (20, 5)]
 B, D, C_SVM, LAM = 8, 1600, 0.1, 50.0

@@ -45,15 +45,16 @@ CONFIGS = [(5, 1, 64), (5, 5, 64), (5, 1, 1600), (5, 5, 1600), (5, 15, 1600)]
 ITERS = (1, 3, 15)
 
 
-def episode(way: int, shot: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def episode(way: int, shot: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """``support [B, n, d], query [B, nq, d], support labels, query labels`` (fixed seed)."""
     g = torch.Generator().manual_seed(SEED + 1000 * way + 100 * shot + d)
     n, nq = way * shot, way * QUERIES
     means = torch.randn(B, way, d, generator=g, dtype=torch.float64)
     ys = torch.arange(way).repeat(shot).expand(B, n).contiguous()
     yq = torch.arange(way).repeat(QUERIES).expand(B, nq).contiguous()
-    S = torch.relu(means.gather(1, ys[..., None].expand(B, n, d)) + torch.randn(B, n, d, generator=g, dtype=torch.float64))
-    Q = torch.relu(means.gather(1, yq[..., None].expand(B, nq, d)) + torch.randn(B, nq, d, generator=g, dtype=torch.float64))
+    f64 = torch.float64
+    S = torch.relu(means.gather(1, ys[..., None].expand(B, n, d)) + torch.randn(B, n, d, generator=g, dtype=f64))
+    Q = torch.relu(means.gather(1, yq[..., None].expand(B, nq, d)) + torch.randn(B, nq, d, generator=g, dtype=f64))
     return S.to(dtype), Q.to(dtype), ys, yq
 
 

@@ -19,6 +19,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def max_rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |a - ref| / max |ref|``."""
+    return float((a - ref).detach().abs().max() / ref.detach().abs().max())
+
+
 def relu_features(gen: torch.Generator, dtype: torch.dtype, B: int, way: int, shot: int, d: int,
                   n_query: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Post-ReLU-like embeddings: ``relu(class mean + noise)``; returns ``support, query, labels``.

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from heads_helpers import metaoptnet_qpth, one_thread, relu_features  # noqa: F401  (one_thread: autouse fixture)
+from heads_helpers import one_thread  # noqa: F401  (autouse fixture)
+from heads_helpers import max_rel, metaoptnet_qpth, relu_features
 from sklearn.svm import LinearSVC
 
 from bilevel.qp import solve_crammer_singer_dual
@@ -212,10 +213,6 @@ def test_native_iteration_cap_changes_the_head(gen: torch.Generator, f64: torch.
     assert torch.isfinite(s.grad).all()
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).detach().abs().max() / ref.detach().abs().max())
-
-
 @pytest.mark.parametrize("k", [1, 3, 15])
 @pytest.mark.parametrize("way, shot, d", [(5, 1, 64), (5, 5, 1600)], ids=["5w1s-d64", "5w5s-d1600"])
 def test_svm_cs_qpth_early_stop_matches_metaoptnet_code(gen: torch.Generator, f64: torch.dtype,
@@ -243,10 +240,10 @@ def test_svm_cs_qpth_early_stop_matches_metaoptnet_code(gen: torch.Generator, f6
     grad_tol = 1e-3 if k == 15 else 1e-8
     for solver in ("native", "qp"):
         for name, a, r, tol in zip(("logits", "dS", "dQ"), run(solver), ref, (1e-5, grad_tol, grad_tol)):
-            assert _rel(a, r) <= tol, (solver, name, _rel(a, r))
+            assert max_rel(a, r) <= tol, (solver, name, max_rel(a, r))
     if k == 3:  # neither the exact head nor the native 3-iteration cap is MetaOptNet's head
-        assert _rel(svm_cs_head(query, support, labels, way), ref[0]) > 1e-4
-        assert _rel(svm_cs_head(query, support, labels, way, max_iter=3), ref[0]) > 1e-2
+        assert max_rel(svm_cs_head(query, support, labels, way), ref[0]) > 1e-4
+        assert max_rel(svm_cs_head(query, support, labels, way, max_iter=3), ref[0]) > 1e-2
 
 
 def test_svm_cs_qpth_early_stop_options(gen: torch.Generator, f64: torch.dtype) -> None:
@@ -254,7 +251,7 @@ def test_svm_cs_qpth_early_stop_options(gen: torch.Generator, f64: torch.dtype) 
     # dual_ridge defaults to MetaOptNet's 1.0 with early_stop="qpth", and can be overridden
     torch.testing.assert_close(svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth"),
                                svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth", dual_ridge=1.0))
-    assert _rel(svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth", dual_ridge=0.5),
+    assert max_rel(svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth", dual_ridge=0.5),
                 svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth")) > 1e-3
     # the qpth solver with early_stop="qpth" is the reference itself
     torch.testing.assert_close(svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth", solver="qpth"),
@@ -275,13 +272,14 @@ def test_metaoptnet_learner_selects_qpth_early_stopping(gen: torch.Generator, f6
     torch.manual_seed(0)
     m = MetaOptNet(example_shape=[1, 16, 16], ways=3, backbone_options={"filters": 4}, early_stop="qpth",
                    max_iter=15, eval_max_iter=3, scale=2.0).to(f64)
-    sx, qx = torch.rand(2, 6, 1, 16, 16, generator=gen, dtype=f64), torch.rand(2, 3, 1, 16, 16, generator=gen, dtype=f64)
+    sx = torch.rand(2, 6, 1, 16, 16, generator=gen, dtype=f64)
+    qx = torch.rand(2, 3, 1, 16, 16, generator=gen, dtype=f64)
     sy = torch.arange(3).repeat(2).expand(2, 6)
     s, q = m.embed_episodes(sx), m.embed_episodes(qx)
     for train, k in ((True, 15), (False, 3)):
         ref = 2.0 * svm_cs_head(q, s, sy, 3, max_iter=k, early_stop="qpth")
         torch.testing.assert_close(m(sx, sy, qx, train=train), ref, rtol=1e-12, atol=1e-12)
-    assert _rel(m(sx, sy, qx, train=False), m(sx, sy, qx, train=True)) > 1e-6
+    assert max_rel(m(sx, sy, qx, train=False), m(sx, sy, qx, train=True)) > 1e-6
     exact = MetaOptNet(example_shape=[1, 16, 16], ways=3, backbone_options={"filters": 4}, early_stop="qpth",
                        scale=2.0).to(f64)
     exact.load_state_dict(m.state_dict())  # no iteration counts: exact at train and test time

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from heads_helpers import metaoptnet_qpth, one_thread, relu_features  # noqa: F401  (one_thread: autouse fixture)
+from heads_helpers import one_thread  # noqa: F401  (autouse fixture)
+from heads_helpers import max_rel, metaoptnet_qpth, relu_features
 
 from bilevel.qp import QPInfo, crammer_singer_qp, kkt_residual, solve_crammer_singer_dual, solve_qp
 
@@ -299,10 +300,6 @@ def test_structured_bad_input(gen: torch.Generator, f64: torch.dtype) -> None:
 # ----------------------------------------------------------------------------- qpth-style early stopping
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a - ref).detach().abs().max() / ref.detach().abs().max())
-
-
 @pytest.mark.parametrize("k", [1, 3, 15])
 @pytest.mark.parametrize("way, shot, d", [(5, 1, 64), (5, 5, 1600)], ids=["5w1s-d64", "5w5s-d1600"])
 def test_qpth_early_stop_reproduces_metaoptnet_qpth(gen: torch.Generator, f64: torch.dtype,
@@ -339,15 +336,15 @@ def test_qpth_early_stop_reproduces_metaoptnet_qpth(gen: torch.Generator, f64: t
     got = {solver: run(solver) for solver in ("structured", "generic")}
     for solver, vals in got.items():
         for name, a, r in zip(("alpha", "dX", "dC"), vals, ref):
-            assert _rel(a, r) <= tol[name], (solver, name, _rel(a, r))
+            assert max_rel(a, r) <= tol[name], (solver, name, max_rel(a, r))
     for name, a, r in zip(("alpha", "dX", "dC"), got["structured"], got["generic"]):  # two linear algebras
-        assert _rel(a, r) <= 1e-10, ("structured vs generic", name, _rel(a, r))
+        assert max_rel(a, r) <= 1e-10, ("structured vs generic", name, max_rel(a, r))
     if k == 3:
         # the native interior-point method stopped after 3 iterations is a different point
         native = solve_crammer_singer_dual(X @ X.mT + eye, Y, 0.1 * Y, max_iter=3)
-        assert _rel(native, ref[0]) > 1e-2
+        assert max_rel(native, ref[0]) > 1e-2
         # and qpth's 3rd iterate is not the exact solution either (the mode matters)
-        assert _rel(solve_crammer_singer_dual(X @ X.mT + eye, Y, 0.1 * Y), ref[0]) > 1e-5
+        assert max_rel(solve_crammer_singer_dual(X @ X.mT + eye, Y, 0.1 * Y), ref[0]) > 1e-5
 
 
 def test_qpth_early_stop_backward_solve_is_accurate(gen: torch.Generator, f64: torch.dtype) -> None:
@@ -368,13 +365,14 @@ def test_qpth_early_stop_backward_solve_is_accurate(gen: torch.Generator, f64: t
     it = pdipm(DenseOps(Q, G.expand(3, -1, -1), A.expand(3, -1, -1)), p, h, b.expand(3, -1), 15)
     D = it["z"].clamp_min(1e-8) / it["s"].clamp_min(1e-8)
     Ae = A.expand(3, -1, -1)
-    M = torch.cat([torch.cat([Q + torch.diag_embed(D), Ae.mT], -1), torch.cat([Ae, torch.zeros(3, 25, 25, dtype=f64)], -1)], -2)
+    M = torch.cat([torch.cat([Q + torch.diag_embed(D), Ae.mT], -1),
+                   torch.cat([Ae, torch.zeros(3, 25, 25, dtype=f64)], -1)], -2)
     rhs = torch.cat([-g, torch.zeros(3, 25, dtype=f64)], -1)[..., None]
     sol = torch.linalg.solve(M, rhs)
     for _ in range(3):
         sol = sol + torch.linalg.solve(M, rhs - M @ sol)
     assert float(torch.linalg.cond(M).max()) > 1e7  # the regime where qpth's elimination loses digits
-    assert _rel(pg.grad, sol[:, :125, 0]) <= 1e-10
+    assert max_rel(pg.grad, sol[:, :125, 0]) <= 1e-10
 
 
 def test_qpth_early_stop_one_iteration_is_qpths_initial_point(gen: torch.Generator, f64: torch.dtype) -> None:
@@ -421,7 +419,7 @@ def test_qpth_early_stop_generic_qp_matches_qpth(gen: torch.Generator, f64: torc
         return [z.detach()] + grads + ([A.grad, b.grad] if constraints != "inequality-only" else [])
 
     for name, a, r in zip(("z", "dQ", "dp", "dG/dA", "dh/db", "dA", "db"), run(True), run(False)):
-        assert _rel(a, r) <= 1e-6, (name, _rel(a, r))
+        assert max_rel(a, r) <= 1e-6, (name, max_rel(a, r))
 
 
 def test_qpth_early_stop_info_and_errors(gen: torch.Generator, f64: torch.dtype) -> None:

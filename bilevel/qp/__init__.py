@@ -30,7 +30,8 @@ Example::
     z3 = solve_qp(Q, p, G, h, A, b, max_iter=3, early_stop="qpth")   # qpth's 3-iteration point
 
 Scaling note: multipliers are reported for the problem as given; the solvers work internally
-on a copy rescaled to unit size. ``Q`` is symmetrised as ``(Q + Q^T) / 2``.
+on a copy rescaled to unit size (except ``early_stop="qpth"``, which like qpth iterates on the
+problem as given: its initial shift is not scale-invariant). ``Q`` is symmetrised as ``(Q + Q^T) / 2``.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ Forward (float64, on a copy scaled so that ``mean(diag K) = 1``):
   2. Problems where that fails (rank-deficient ``K`` with many ties, cycling) fall back to a
      Mehrotra interior-point method on the same block structure, which never fails on PSD ``K``.
   With ``max_iter`` given, only the interior-point method runs, for at most ``max_iter``
-  iterations: this reproduces MetaOptNet's early stopping (qpth with 15 / 3 iterations, §4.1).
+  iterations (a cap: its early iterates are not qpth's, so this does not reproduce MetaOptNet's
+  early stopping; ``early_stop="qpth"`` of ``solve_crammer_singer_dual`` does, see ``_qpth_pdipm``).
 
 Backward: implicit differentiation of the KKT conditions (MetaOptNet eq. 8) on the final system:
 the active set for the exact solver (exact derivative where strict complementarity holds), the
@@ -293,7 +294,7 @@ class _Mixed:
 def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float, return_best: bool = False) -> dict[str, Any]:
     """Mehrotra predictor-corrector on the block structure; class-major ``[B, m, n]``.
 
-    Returns the last iterate (early stopping semantics, as qpth), or with ``return_best`` the
+    Returns the last iterate (early stopping semantics), or with ``return_best`` the
     iterate of smallest KKT residual; stops early where ``_IPM_STALL`` iterations brought no
     progress (degenerate problems whose residual is bounded by round-off).
     """

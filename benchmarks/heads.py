@@ -12,7 +12,9 @@ Peers, timed in the same run:
     ``maxIter = 15``;
   * ``SVM-CS qpth``: the exact eq. (10) QP through ``solve_qp(backend="qpth")``.
 Ours: ``svm_cs_head`` (structured exact solver), ``svm_cs_head(solver="qp")`` (generic native
-layer), ``ridge_head``, ``r2d2_head`` and ``proto_head``.
+layer), ``svm_cs_head(max_iter=15, early_stop="qpth")`` ("SVM-CS qpth-15": the qpth reference's
+own iterate, computed natively; see ``benchmarks/metaoptnet_early_stop.py`` for its agreement),
+``ridge_head``, ``r2d2_head`` and ``proto_head``.
 
 Usage::
 
@@ -23,15 +25,20 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bilevel.qp import kkt_residual, solve_crammer_singer_dual, solve_qp
-from learners.metaoptnet import proto_head, r2d2_head, ridge_head, svm_cs_head
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from heads_helpers import metaoptnet_qpth  # noqa: E402  (MetaOptNet's qpth call, shared with the tests)
+from bilevel.qp import crammer_singer_qp, kkt_residual, solve_crammer_singer_dual, solve_qp  # noqa: E402
+from learners.heads import proto_head, r2d2_head, ridge_head, svm_cs_head  # noqa: E402
 
 CONFIGS = [(5, 1), (5, 5), (5, 15), (20, 5)]
 B, D, C_SVM, LAM = 8, 1600, 0.1, 50.0
@@ -53,18 +60,7 @@ def episode(way: int, shot: int, seed: int) -> tuple[torch.Tensor, ...]:
 def metaoptnet_qpth_logits(query: torch.Tensor, support: torch.Tensor, ys: torch.Tensor, way: int,
                            max_iter: int = 15) -> torch.Tensor:
     """MetaOptNet's SVM-CS head as in its code: qpth on kron(K, I) + 1.0 I, maxIter 15."""
-    from qpth.qp import QPFunction
-
-    b, n, _ = support.shape
-    K = support @ support.mT
-    eye_w = torch.eye(way)
-    Qm = (K[:, :, None, :, None] * eye_w[None, None, :, None, :]).reshape(b, n * way, n * way)
-    Qm = Qm + 1.0 * torch.eye(n * way)
-    Y = F.one_hot(ys, way).float().reshape(b, n * way)
-    G = torch.eye(n * way).expand(b, -1, -1)
-    A = torch.kron(torch.eye(n), torch.ones(1, way)).expand(b, -1, -1)
-    sol = QPFunction(verbose=-1, maxIter=max_iter)(Qm, -Y, G, C_SVM * Y, A, torch.zeros(b, n))
-    return (query @ support.mT) @ sol.reshape(b, n, way)
+    return (query @ support.mT) @ metaoptnet_qpth(support @ support.mT, ys, way, C_SVM, max_iter)
 
 
 CLOCK: Callable[[], float] = time.process_time
@@ -83,22 +79,13 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], yq: torch.Tensor | None, tensors: tu
 
 def solver_only(way: int, K: torch.Tensor, ys: torch.Tensor, R: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     """The QP solve alone (Gram given): our structured solver vs MetaOptNet's qpth call."""
-    from qpth.qp import QPFunction
-
     Y = F.one_hot(ys, way).float()
-    b, n = ys.shape
 
     def native() -> torch.Tensor:
         return solve_crammer_singer_dual(K, Y, C_SVM * Y) * R
 
     def reference() -> torch.Tensor:
-        Qm = (K[:, :, None, :, None] * torch.eye(way)[None, None, :, None, :]).reshape(b, n * way, n * way)
-        Qm = Qm + torch.eye(n * way)
-        G = torch.eye(n * way).expand(b, -1, -1)
-        A = torch.kron(torch.eye(n), torch.ones(1, way)).expand(b, -1, -1)
-        Yf = Y.reshape(b, n * way)
-        z = QPFunction(verbose=-1, maxIter=15)(Qm, -Yf, G, C_SVM * Yf, A, torch.zeros(b, n))
-        return z.reshape(b, n, way) * R
+        return metaoptnet_qpth(K, ys, way, C_SVM, 15) * R
 
     return {"solver: native": native, "solver: qpth ref": reference}
 
@@ -136,10 +123,11 @@ def residuals(S: torch.Tensor, ys: torch.Tensor, way: int) -> dict[str, float]:
         b, n, m = Y.shape
         _, info = solve_crammer_singer_dual(K, Y, C_SVM * Y, return_info=True)
         out["SVM-CS native"] = float(info.residual.max())
-        Qm = (K[:, :, None, :, None] * torch.eye(m, dtype=K.dtype)[None, None, :, None, :]).reshape(b, n * m, n * m)
-        G = torch.eye(n * m, dtype=K.dtype).expand(b, -1, -1)
-        A = torch.kron(torch.eye(n, dtype=K.dtype), torch.ones(1, m, dtype=K.dtype)).expand(b, -1, -1)
-        p, h, bz = -Y.reshape(b, n * m), C_SVM * Y.reshape(b, n * m), K.new_zeros(b, n)
+        K1 = K + torch.eye(n, dtype=K.dtype)
+        _, info = solve_crammer_singer_dual(K1, Y, C_SVM * Y, max_iter=15, early_stop="qpth", return_info=True)
+        out["SVM-CS qpth-15"] = float(info.residual.max())  # on the reference's +I problem, like it
+        Qm, p, G, h, A, bz = crammer_singer_qp(K, Y, C_SVM * Y)
+        G, A, bz = G.expand(b, -1, -1), A.expand(b, -1, -1), bz.expand(b, -1)
         if n * m <= GENERIC_MAX_VARS:
             _, info = solve_qp(Qm, p, G, h, A, bz, return_info=True)
             out["SVM-CS generic QP"] = float(info.residual.max())
@@ -203,6 +191,7 @@ def main() -> None:
         "SVM-CS generic QP": lambda q, s, y, w: svm_cs_head(q, s, y, w, C=C_SVM, solver="qp"),
         "SVM-CS qpth": lambda q, s, y, w: svm_cs_head(q, s, y, w, C=C_SVM, solver="qpth"),
         "qpth reference": lambda q, s, y, w: metaoptnet_qpth_logits(q, s, y, w),
+        "SVM-CS qpth-15": lambda q, s, y, w: svm_cs_head(q, s, y, w, C=C_SVM, max_iter=15, early_stop="qpth"),
         "ridge": lambda q, s, y, w: ridge_head(q, s, y, w, lam=LAM),
         "R2D2": lambda q, s, y, w: r2d2_head(q, s, y, w, lam=LAM),
         "ProtoNet": lambda q, s, y, w: proto_head(q, s, y, w),
@@ -243,6 +232,9 @@ def main() -> None:
             for peer in ("qpth reference", "SVM-CS qpth"):
                 if peer in ms:
                     print(f"{'':8s} ratio {peer} / SVM-CS native: {ms[peer] / nat:.2f}x")
+            if "qpth reference" in ms and "SVM-CS qpth-15" in ms:
+                print(f"{'':8s} ratio qpth reference / SVM-CS qpth-15 (same iterate): "
+                      f"{ms['qpth reference'] / ms['SVM-CS qpth-15']:.2f}x")
             if "ProtoNet" in ms:
                 print(f"{'':8s} ratio SVM-CS native / ProtoNet: {nat / ms['ProtoNet']:.2f}x")
             peers = [ms[p] for p in ("qpth reference", "SVM-CS qpth") if p in ms]

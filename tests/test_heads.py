@@ -1,4 +1,4 @@
-"""Tests of MetaOptNet's heads (learners.metaoptnet): closed forms, peers, gradients, robustness."""
+"""Tests of MetaOptNet's heads (learners.heads): closed forms, peers, gradients, robustness."""
 from __future__ import annotations
 
 import itertools
@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from heads_helpers import one_thread  # noqa: F401  (autouse fixture)
+from heads_helpers import max_rel, metaoptnet_qpth, relu_features
 from sklearn.svm import LinearSVC
 
 from bilevel.qp import solve_crammer_singer_dual
-from learners.metaoptnet import (
+from learners.heads import (
     proto_head,
     r2d2_head,
     ridge_head,
@@ -21,6 +22,7 @@ from learners.metaoptnet import (
     svm_he_head,
     svm_ww_head,
 )
+from learners.metaoptnet import MetaOptNet
 
 HEADS = {
     "svm_cs": svm_cs_head,
@@ -200,7 +202,8 @@ def test_svm_cs_central_differences_larger_episode(gen: torch.Generator, f64: to
     assert abs(analytic - numeric) <= 1e-6 * (1 + abs(numeric))
 
 
-def test_early_stopping_changes_the_head(gen: torch.Generator, f64: torch.dtype) -> None:
+def test_native_iteration_cap_changes_the_head(gen: torch.Generator, f64: torch.dtype) -> None:
+    """max_iter alone caps the native interior-point method: a different, finite, differentiable head."""
     query, support, labels = episode(gen, f64, 2, 5, 5, 64)
     s = support.clone().requires_grad_()
     early = svm_cs_head(query, s, labels, 5, max_iter=3)
@@ -208,6 +211,81 @@ def test_early_stopping_changes_the_head(gen: torch.Generator, f64: torch.dtype)
     assert float((early - exact).detach().abs().max()) > 1e-4
     early.sum().backward()
     assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 15])
+@pytest.mark.parametrize("way, shot, d", [(5, 1, 64), (5, 5, 1600)], ids=["5w1s-d64", "5w5s-d1600"])
+def test_svm_cs_qpth_early_stop_matches_metaoptnet_code(gen: torch.Generator, f64: torch.dtype,
+                                                        way: int, shot: int, d: int, k: int) -> None:
+    """svm_cs_head(max_iter=k, early_stop="qpth") = MetaOptNet's SVM-CS head with qpth maxIter=k.
+
+    Reference: MetaOptNet's code path (qpth on kron(K, I) + 1.0 I, C = 0.1, logits
+    ``sum_n alpha[n, k] <s_n, q>``) in float64 on a batch of 3 episodes, 15 queries per class;
+    logits and their gradients w.r.t. the support and query embeddings. At k = 15 qpth's own
+    float64 round-off limits the gradient agreement (see tests/test_qp.py).
+    """
+    support, query, labels = relu_features(gen, f64, 3, way, shot, d, n_query=15 * way)
+    R = torch.randn(3, 15 * way, way, generator=gen, dtype=f64)
+
+    def run(solver: str) -> tuple[torch.Tensor, ...]:
+        s, q = support.clone().requires_grad_(), query.clone().requires_grad_()
+        if solver == "metaoptnet":
+            logits = (q @ s.mT) @ metaoptnet_qpth(s @ s.mT, labels, way, 0.1, k)
+        else:
+            logits = svm_cs_head(q, s, labels, way, max_iter=k, early_stop="qpth", solver=solver)
+        (logits * R).sum().backward()
+        return logits.detach(), s.grad, q.grad
+
+    ref = run("metaoptnet")
+    grad_tol = 1e-3 if k == 15 else 1e-8
+    for solver in ("native", "qp"):
+        for name, a, r, tol in zip(("logits", "dS", "dQ"), run(solver), ref, (1e-5, grad_tol, grad_tol)):
+            assert max_rel(a, r) <= tol, (solver, name, max_rel(a, r))
+    if k == 3:  # neither the exact head nor the native 3-iteration cap is MetaOptNet's head
+        assert max_rel(svm_cs_head(query, support, labels, way), ref[0]) > 1e-4
+        assert max_rel(svm_cs_head(query, support, labels, way, max_iter=3), ref[0]) > 1e-2
+
+
+def test_svm_cs_qpth_early_stop_options(gen: torch.Generator, f64: torch.dtype) -> None:
+    query, support, labels = episode(gen, f64, 2, 5, 2, 16)
+    # dual_ridge defaults to MetaOptNet's 1.0 with early_stop="qpth", and can be overridden
+    torch.testing.assert_close(svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth"),
+                               svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth", dual_ridge=1.0))
+    assert max_rel(svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth", dual_ridge=0.5),
+                svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth")) > 1e-3
+    # the qpth solver with early_stop="qpth" is the reference itself
+    torch.testing.assert_close(svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth", solver="qpth"),
+                               svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth"),
+                               rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="give max_iter"):
+        svm_cs_head(query, support, labels, 5, early_stop="qpth")
+    with pytest.raises(ValueError, match="early_stop must be"):
+        svm_cs_head(query, support, labels, 5, max_iter=3, early_stop="qpth3")
+    with pytest.raises(ValueError, match="pass early_stop='qpth'"):
+        svm_cs_head(query, support, labels, 5, max_iter=3, solver="qpth")
+    with pytest.raises(ValueError, match="dual_ridge must be >= 0"):
+        svm_cs_head(query, support, labels, 5, dual_ridge=-1.0)
+
+
+def test_metaoptnet_learner_selects_qpth_early_stopping(gen: torch.Generator, f64: torch.dtype) -> None:
+    """MetaOptNet(early_stop="qpth", max_iter=15, eval_max_iter=3): the paper's heads at train / test."""
+    torch.manual_seed(0)
+    m = MetaOptNet(example_shape=[1, 16, 16], ways=3, backbone_options={"filters": 4}, early_stop="qpth",
+                   max_iter=15, eval_max_iter=3, scale=2.0).to(f64)
+    sx = torch.rand(2, 6, 1, 16, 16, generator=gen, dtype=f64)
+    qx = torch.rand(2, 3, 1, 16, 16, generator=gen, dtype=f64)
+    sy = torch.arange(3).repeat(2).expand(2, 6)
+    s, q = m.embed_episodes(sx), m.embed_episodes(qx)
+    for train, k in ((True, 15), (False, 3)):
+        ref = 2.0 * svm_cs_head(q, s, sy, 3, max_iter=k, early_stop="qpth")
+        torch.testing.assert_close(m(sx, sy, qx, train=train), ref, rtol=1e-12, atol=1e-12)
+    assert max_rel(m(sx, sy, qx, train=False), m(sx, sy, qx, train=True)) > 1e-6
+    exact = MetaOptNet(example_shape=[1, 16, 16], ways=3, backbone_options={"filters": 4}, early_stop="qpth",
+                       scale=2.0).to(f64)
+    exact.load_state_dict(m.state_dict())  # no iteration counts: exact at train and test time
+    torch.testing.assert_close(exact(sx, sy, qx, train=False), 2.0 * svm_cs_head(q, s, sy, 3))
+    with pytest.raises(ValueError, match="early_stop must be"):
+        MetaOptNet(example_shape=[1, 16, 16], ways=3, early_stop="exact")
 
 
 # ----------------------------------------------------------------------------- robustness

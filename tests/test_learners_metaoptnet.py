@@ -9,7 +9,8 @@ from learners_tasks import directional_fd, grads_of, image_episodes
 
 import bilevel
 from bilevel.cli import main
-from learners.metaoptnet import MetaOptNet, proto_head, smooth_labels
+from learners.heads import proto_head, smooth_labels
+from learners.metaoptnet import MetaOptNet
 
 
 def _learner(f64, **kw):

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from heads_helpers import one_thread  # noqa: F401  (autouse fixture)
+from heads_helpers import max_rel, metaoptnet_qpth, relu_features
 
-from bilevel.qp import QPInfo, kkt_residual, solve_crammer_singer_dual, solve_qp
+from bilevel.qp import QPInfo, crammer_singer_qp, kkt_residual, solve_crammer_singer_dual, solve_qp
 
 
 def random_qp(gen: torch.Generator, dtype: torch.dtype, B: int = 3, n: int = 6, m: int = 5, k: int = 2,
@@ -21,16 +22,6 @@ def random_qp(gen: torch.Generator, dtype: torch.dtype, B: int = 3, n: int = 6, 
     A = torch.randn(B, k, n, generator=gen, dtype=dtype)
     b = (A @ z0[..., None])[..., 0]
     return Q, p, G, h, A, b
-
-
-def kron_cs(K: torch.Tensor, Y: torch.Tensor, C: float) -> tuple[torch.Tensor, ...]:
-    """MetaOptNet's SVM dual (eq. 10) as a generic QP: Q = kron(K, I), G = I, h = C Y, A = kron(I, 1')."""
-    B, n, m = Y.shape
-    eye = torch.eye(m, dtype=K.dtype)
-    Q = (K[:, :, None, :, None] * eye[None, None, :, None, :]).reshape(B, n * m, n * m)
-    G = torch.eye(n * m, dtype=K.dtype)
-    A = torch.kron(torch.eye(n, dtype=K.dtype), torch.ones(1, m, dtype=K.dtype))
-    return Q, -Y.reshape(B, n * m), G, (C * Y).reshape(B, n * m), A, K.new_zeros(n)
 
 
 def cs_episode(gen: torch.Generator, dtype: torch.dtype, B: int, way: int, shot: int, d: int,
@@ -224,7 +215,7 @@ def test_structured_solver_agrees_with_generic_layer(gen: torch.Generator, f64: 
     X, labels, Y = cs_episode(gen, f64, 2, way, shot, d)
     K = X @ X.mT
     alpha, info = solve_crammer_singer_dual(K, Y, 0.1 * Y, tol=1e-12, return_info=True)
-    z, info_g = solve_qp(*kron_cs(K, Y, 0.1), return_info=True)
+    z, info_g = solve_qp(*crammer_singer_qp(K, Y, 0.1 * Y), return_info=True)
     assert float(info.residual.max()) < 1e-10 and float(info_g.residual.max()) < 1e-10
     # primal weights W = alpha^T X are unique (alpha need not be when d < n)
     torch.testing.assert_close(alpha.mT @ X, z.reshape_as(alpha).mT @ X, rtol=1e-7, atol=1e-9)
@@ -232,7 +223,7 @@ def test_structured_solver_agrees_with_generic_layer(gen: torch.Generator, f64: 
     Kg, Kq = K.clone().requires_grad_(), K.clone().requires_grad_()
     Wd = torch.randn(2, way, X.shape[1], generator=gen, dtype=f64)
     (solve_crammer_singer_dual(Kg, Y, 0.1 * Y) * Wd.mT).sum().backward()
-    Qk, p, G, h, A, b = kron_cs(Kq, Y, 0.1)
+    Qk, p, G, h, A, b = crammer_singer_qp(Kq, Y, 0.1 * Y)
     (solve_qp(Qk, p, G, h, A, b).reshape_as(alpha) * Wd.mT).sum().backward()
     if d >= way * shot:  # unique dual solution: the derivatives agree
         torch.testing.assert_close(Kg.grad, Kq.grad, rtol=1e-5, atol=1e-7)
@@ -255,7 +246,7 @@ def test_structured_solver_matches_qpth(gen: torch.Generator, f64: torch.dtype) 
     X, labels, Y = cs_episode(gen, f64, 2, 5, 2, 30)
     K = X @ X.mT
     alpha = solve_crammer_singer_dual(K, Y, 0.1 * Y)
-    z = solve_qp(*kron_cs(K, Y, 0.1), backend="qpth", tol=1e-14)
+    z = solve_qp(*crammer_singer_qp(K, Y, 0.1 * Y), backend="qpth", tol=1e-14)
     torch.testing.assert_close(alpha, z.reshape_as(alpha), rtol=1e-5, atol=1e-7)
 
 
@@ -304,3 +295,148 @@ def test_structured_bad_input(gen: torch.Generator, f64: torch.dtype) -> None:
         solve_crammer_singer_dual(K, Y, Y[:, :, :-1])
     with pytest.raises(ValueError, match="non-finite"):
         solve_crammer_singer_dual(K * float("inf"), Y, Y)
+
+
+# ----------------------------------------------------------------------------- qpth-style early stopping
+
+
+@pytest.mark.parametrize("k", [1, 3, 15])
+@pytest.mark.parametrize("way, shot, d", [(5, 1, 64), (5, 5, 1600)], ids=["5w1s-d64", "5w5s-d1600"])
+def test_qpth_early_stop_reproduces_metaoptnet_qpth(gen: torch.Generator, f64: torch.dtype,
+                                                    way: int, shot: int, d: int, k: int) -> None:
+    """early_stop="qpth" returns qpth's maxIter=k point of MetaOptNet's QP, and qpth's gradients.
+
+    Reference: qpth itself on MetaOptNet's construction (kron(K, I) + 1.0 I, C = 0.1), a batch of
+    3 episodes (qpth's exit rules act on the whole batch). Checked for the structured solver and
+    the generic layer, for alpha and for the gradients w.r.t. the features X and C.
+    """
+    X, _, labels = relu_features(gen, f64, 3, way, shot, d)
+    Y = F.one_hot(labels, way).to(f64)
+    R = torch.randn(Y.shape, generator=gen, dtype=f64)  # a random linear functional of alpha
+    eye = torch.eye(way * shot, dtype=f64)
+
+    def run(solver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        Xg, C = X.clone().requires_grad_(), torch.tensor(0.1, dtype=f64, requires_grad=True)
+        K = Xg @ Xg.mT
+        if solver == "qpth":
+            alpha = metaoptnet_qpth(K, labels, way, C, k)
+        elif solver == "structured":
+            alpha = solve_crammer_singer_dual(K + eye, Y, C * Y, max_iter=k, early_stop="qpth")
+        else:
+            alpha = solve_qp(*crammer_singer_qp(K + eye, Y, C * Y), max_iter=k, early_stop="qpth").reshape(Y.shape)
+        (alpha * R).sum().backward()
+        return alpha.detach(), Xg.grad, C.grad
+
+    ref = run("qpth")
+    # qpth's own float64 round-off: after ~10 iterations its Newton and backward systems are
+    # ill-conditioned (cond ~1e9) and its LU/Schur elimination loses digits; measured here
+    # 1.6e-7 (alpha) and 6e-5 (dX) at 5w5s, k=15, where our solves are exact to 1e-15
+    # (test_qpth_early_stop_backward_solve_is_accurate).
+    tol = {"alpha": 1e-5, "dX": 1e-3 if k == 15 else 1e-8, "dC": 1e-5 if k == 15 else 1e-8}
+    got = {solver: run(solver) for solver in ("structured", "generic")}
+    for solver, vals in got.items():
+        for name, a, r in zip(("alpha", "dX", "dC"), vals, ref):
+            assert max_rel(a, r) <= tol[name], (solver, name, max_rel(a, r))
+    for name, a, r in zip(("alpha", "dX", "dC"), got["structured"], got["generic"]):  # two linear algebras
+        assert max_rel(a, r) <= 1e-10, ("structured vs generic", name, max_rel(a, r))
+    if k == 3:
+        # the native interior-point method stopped after 3 iterations is a different point
+        native = solve_crammer_singer_dual(X @ X.mT + eye, Y, 0.1 * Y, max_iter=3)
+        assert max_rel(native, ref[0]) > 1e-2
+        # and qpth's 3rd iterate is not the exact solution either (the mode matters)
+        assert max_rel(solve_crammer_singer_dual(X @ X.mT + eye, Y, 0.1 * Y), ref[0]) > 1e-5
+
+
+def test_qpth_early_stop_backward_solve_is_accurate(gen: torch.Generator, f64: torch.dtype) -> None:
+    """qpth's backward system at its 15th iterate of MetaOptNet's 5w5s QP, solved to round-off.
+
+    dL/dp = dx solves ``[[Q + D, A'], [A, 0]] [dx; dnu] = [-g; 0]`` with ``D = max(lam, 1e-8) /
+    max(s, 1e-8)``; reference: a dense LU solve with three steps of iterative refinement.
+    qpth's own solution of this system is off by ~1e-4 (the tolerance above).
+    """
+    from bilevel.qp._qpth_pdipm import DenseOps, pdipm
+
+    X, _, labels = relu_features(gen, f64, 3, 5, 5, 1600)
+    Y = F.one_hot(labels, 5).to(f64)
+    Q, p, G, h, A, b = crammer_singer_qp(X @ X.mT + torch.eye(25, dtype=f64), Y, 0.1 * Y)
+    g = torch.randn(p.shape, generator=gen, dtype=f64)
+    pg = p.clone().requires_grad_()
+    (g * solve_qp(Q, pg, G, h, A, b, max_iter=15, early_stop="qpth")).sum().backward()
+    it = pdipm(DenseOps(Q, G.expand(3, -1, -1), A.expand(3, -1, -1)), p, h, b.expand(3, -1), 15)
+    D = it["z"].clamp_min(1e-8) / it["s"].clamp_min(1e-8)
+    Ae = A.expand(3, -1, -1)
+    M = torch.cat([torch.cat([Q + torch.diag_embed(D), Ae.mT], -1),
+                   torch.cat([Ae, torch.zeros(3, 25, 25, dtype=f64)], -1)], -2)
+    rhs = torch.cat([-g, torch.zeros(3, 25, dtype=f64)], -1)[..., None]
+    sol = torch.linalg.solve(M, rhs)
+    for _ in range(3):
+        sol = sol + torch.linalg.solve(M, rhs - M @ sol)
+    assert float(torch.linalg.cond(M).max()) > 1e7  # the regime where qpth's elimination loses digits
+    assert max_rel(pg.grad, sol[:, :125, 0]) <= 1e-10
+
+
+def test_qpth_early_stop_one_iteration_is_qpths_initial_point(gen: torch.Generator, f64: torch.dtype) -> None:
+    """Closed form of qpth's maxIter=1 output: the initial point, argmin 1/2 x'Qx + p'x + 1/2|Gx - h|^2, Ax = b.
+
+    (qpth evaluates iterate i at loop pass i and returns its best evaluated iterate, so the
+    maxIter-th step is never returned.)
+    """
+    Q, p, G, h, A, b = random_qp(gen, f64)
+    N, E = Q.shape[-1], A.shape[-2]
+    M = torch.cat([torch.cat([Q + G.mT @ G, A.mT], -1), torch.cat([A, torch.zeros(3, E, E, dtype=f64)], -1)], -2)
+    x0 = torch.linalg.solve(M, torch.cat([-p + (G.mT @ h[..., None])[..., 0], b], -1))[..., :N]
+    z1, info = solve_qp(Q, p, G, h, A, b, max_iter=1, early_stop="qpth", return_info=True)
+    torch.testing.assert_close(z1, x0, rtol=1e-10, atol=1e-12)
+    assert info.iterations.tolist() == [0, 0, 0] and not bool(info.converged.any())
+
+
+@pytest.mark.parametrize("k", [1, 3, 15])
+@pytest.mark.parametrize("constraints", ["both", "inequality-only", "equality-only"])
+def test_qpth_early_stop_generic_qp_matches_qpth(gen: torch.Generator, f64: torch.dtype, k: int,
+                                                 constraints: str) -> None:
+    """Random batched QPs: z and the gradients w.r.t. every (batched) input agree with qpth's."""
+    from qpth.qp import QPFunction
+
+    data = random_qp(gen, f64)
+    w = torch.randn(data[1].shape, generator=gen, dtype=f64)
+    empty = torch.empty(0, dtype=f64)
+
+    def run(ours: bool) -> list[torch.Tensor]:
+        Q, p, G, h, A, b = (t.clone().requires_grad_() for t in data)
+        Qs = 0.5 * (Q + Q.mT)
+        if constraints == "equality-only":
+            G, h = torch.zeros(3, 1, 6, dtype=f64, requires_grad=True), torch.ones(3, 1, dtype=f64, requires_grad=True)
+        if ours:
+            kw = {} if constraints == "equality-only" else {"G": G, "h": h}
+            if constraints != "inequality-only":
+                kw.update(A=A, b=b)
+            z = solve_qp(Qs, p, max_iter=k, early_stop="qpth", **kw)
+        else:
+            Aq, bq = (empty, empty) if constraints == "inequality-only" else (A, b)
+            z = QPFunction(verbose=-1, maxIter=k)(Qs, p, G, h, Aq, bq)
+        (w * z).sum().backward()
+        grads = [Q.grad, p.grad] + ([G.grad, h.grad] if constraints != "equality-only" else [])
+        return [z.detach()] + grads + ([A.grad, b.grad] if constraints != "inequality-only" else [])
+
+    for name, a, r in zip(("z", "dQ", "dp", "dG/dA", "dh/db", "dA", "db"), run(True), run(False)):
+        assert max_rel(a, r) <= 1e-6, (name, max_rel(a, r))
+
+
+def test_qpth_early_stop_info_and_errors(gen: torch.Generator, f64: torch.dtype) -> None:
+    Q, p, G, h, A, b = random_qp(gen, f64)
+    z, info = solve_qp(Q, p, G, h, A, b, max_iter=3, early_stop="qpth", return_info=True)
+    assert int(info.iterations.max()) <= 2  # qpth returns its best of iterates 0, 1, 2
+    assert not bool(info.converged.any()) and float(info.residual.min()) > 1e-6
+    z40, info40 = solve_qp(Q, p, G, h, A, b, max_iter=40, early_stop="qpth", return_info=True)
+    torch.testing.assert_close(z40, solve_qp(Q, p, G, h, A, b), rtol=1e-6, atol=1e-8)  # converges
+    with pytest.raises(ValueError, match="give max_iter"):
+        solve_qp(Q, p, G, h, A, b, early_stop="qpth")
+    with pytest.raises(ValueError, match="early_stop must be"):
+        solve_qp(Q, p, G, h, A, b, max_iter=3, early_stop="osqp")
+    with pytest.raises(ValueError, match="positive-definite Q"):
+        solve_qp(torch.zeros_like(Q), p, G, h, A, b, max_iter=3, early_stop="qpth")
+    X, labels, Y = cs_episode(gen, f64, 2, 5, 4, 8)  # n = 20 > d = 8: K is singular
+    with pytest.raises(ValueError, match="positive-definite gram"):
+        solve_crammer_singer_dual(X @ X.mT, Y, 0.1 * Y, max_iter=3, early_stop="qpth")
+    with pytest.raises(ValueError, match="give max_iter"):
+        solve_crammer_singer_dual(X @ X.mT, Y, 0.1 * Y, early_stop="qpth")

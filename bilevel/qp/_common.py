@@ -22,7 +22,8 @@ class QPInfo(NamedTuple):
             ``max(|Qz + p + G^T lam + A^T nu|, |Az - b|, max(Gz - h, 0), |lam * (h - Gz)|)``
             (eq. 7 of MetaOptNet, Lee et al. 2019, plus primal feasibility).
         iterations: [B] iterations used (interior-point iterations, or active-set
-            iterations for the exact structured solver).
+            iterations for the exact structured solver; with ``early_stop="qpth"`` the index
+            of the iterate returned, 0 being the initial point, as qpth returns its best one).
         converged: [B] whether the stopping tolerance was met.
     """
 
@@ -37,25 +38,33 @@ def step_to_boundary(v: Tensor, dv: Tensor, dims: tuple[int, ...]) -> Tensor:
     return ratio.amin(dim=dims)
 
 
-def cholesky_jittered(H: Tensor, jitter: float, tries: int = 6, *, inplace: bool = False) -> Tensor:
+def cholesky_jittered(H: Tensor, jitter: float, tries: int = 6, *, inplace: bool = False,
+                      relative: bool = False) -> Tensor:
     """Upper Cholesky factor ``U`` (``U^T U = H + delta I``) of a batch of symmetric PSD ``[..., n, n]``.
 
     ``delta`` starts at ``jitter`` (absolute: callers pass matrices of unit scale) and grows 1000x
     for the matrices whose factorisation fails, so singular but PSD matrices (duplicated points,
-    all-zero embeddings) never raise. Matrices that still fail get the square root of their
+    all-zero embeddings) never raise. With ``relative=True`` (unscaled problems) the first
+    attempt is unregularised (``delta = 0``) and a failure starts at ``jitter`` times the mean
+    absolute diagonal of that matrix. Matrices that still fail get the square root of their
     diagonal, which keeps the outputs finite. ``inplace=True`` lets it add ``delta`` to ``H``.
     """
     if not inplace:
         H = H.clone()
     diag = H.diagonal(dim1=-2, dim2=-1)
-    delta = torch.full(H.shape[:-2], jitter, dtype=H.dtype, device=H.device)
-    diag.add_(delta[..., None])
+    if relative:
+        first = jitter * diag.abs().mean(-1).clamp_min(torch.finfo(H.dtype).tiny)
+        delta = torch.zeros_like(first)
+    else:
+        delta = torch.full(H.shape[:-2], jitter, dtype=H.dtype, device=H.device)
+        first = delta
+        diag.add_(delta[..., None])
     U, info = torch.linalg.cholesky_ex(H, upper=True)
     for _ in range(tries):
         bad = info != 0
         if not bool(bad.any()):
             return U
-        grow = torch.where(bad, delta * 999.0, torch.zeros_like(delta))
+        grow = torch.where(bad, torch.where(delta > 0, delta * 999.0, first), torch.zeros_like(delta))
         diag.add_(grow[..., None])
         delta = delta + grow
         U2, info2 = torch.linalg.cholesky_ex(H, upper=True)

@@ -20,7 +20,8 @@ Forward (float64, on a copy scaled so that ``mean(diag K) = 1``):
   2. Problems where that fails (rank-deficient ``K`` with many ties, cycling) fall back to a
      Mehrotra interior-point method on the same block structure, which never fails on PSD ``K``.
   With ``max_iter`` given, only the interior-point method runs, for at most ``max_iter``
-  iterations: this reproduces MetaOptNet's early stopping (qpth with 15 / 3 iterations, §4.1).
+  iterations (a cap: its early iterates are not qpth's, so this does not reproduce MetaOptNet's
+  early stopping; ``early_stop="qpth"`` of ``solve_crammer_singer_dual`` does, see ``_qpth_pdipm``).
 
 Backward: implicit differentiation of the KKT conditions (MetaOptNet eq. 8) on the final system:
 the active set for the exact solver (exact derivative where strict complementarity holds), the
@@ -65,7 +66,8 @@ def _mv(M: Tensor, v: Tensor) -> Tensor:
 class _Direct:
     """Explicit factorisation of the class-separable system (class-major vectors ``[B, m, n]``).
 
-    For class ``k`` with free mask ``f_k`` (1 free, 0 fixed) and weights ``w_k`` on free entries::
+    For class ``k`` with free mask ``f_k`` (1 free, 0 fixed) and weights ``w_k`` on free entries
+    (``relative_jitter``: regularise relative to each matrix's scale, for unscaled problems)::
 
         H_k = F_k K F_k + diag(f_k w_k + (1 - f_k)),    S = sum_k H_k^-1 F_k
 
@@ -74,24 +76,27 @@ class _Direct:
     Cost: ``m`` Cholesky factorisations and inverses of ``n x n`` matrices.
     """
 
-    def __init__(self, K: Tensor, m: int, f: Tensor | None, w: Tensor | float) -> None:
+    def __init__(self, K: Tensor, m: int, f: Tensor | None, w: Tensor | float,
+                 relative_jitter: float | None = None) -> None:
+        jit, rel = (_JITTER, False) if relative_jitter is None else (relative_jitter, True)
         if f is None:
             if not isinstance(w, float):
                 raise TypeError("a shared factorisation needs a scalar weight")
             H = K.clone()
             H.diagonal(dim1=-2, dim2=-1).add_(w)
-            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, _JITTER, inplace=True), upper=True)[:, None]
+            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, jit, inplace=True, relative=rel),
+                                               upper=True)[:, None]
             S = m * self.Hinv[:, 0]
         else:
             H = K[:, None].expand(-1, m, -1, -1).clone()
             H.mul_(f[..., :, None]).mul_(f[..., None, :])
             H.diagonal(dim1=-2, dim2=-1).add_(f * w + (1 - f))
-            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, _JITTER, inplace=True), upper=True)
+            self.Hinv = torch.cholesky_inverse(cholesky_jittered(H, jit, inplace=True, relative=rel), upper=True)
             # H_k^-1 F_k = H_k^-1 minus its (diagonal) fixed block
             S = self.Hinv.sum(1)
             S.diagonal(dim1=-2, dim2=-1).sub_(((1 - f) * self.Hinv.diagonal(dim1=-2, dim2=-1)).sum(1))
         self.f = f
-        self.Ls = cholesky_jittered(S, _JITTER, inplace=True)
+        self.Ls = cholesky_jittered(S, jit, inplace=True, relative=rel)
 
     def select(self, keep: Tensor) -> "_Direct":
         out = _Direct.__new__(_Direct)
@@ -289,7 +294,7 @@ class _Mixed:
 def _ipm(Kt: Tensor, P: Tensor, U: Tensor, max_iter: int, tol: float, return_best: bool = False) -> dict[str, Any]:
     """Mehrotra predictor-corrector on the block structure; class-major ``[B, m, n]``.
 
-    Returns the last iterate (early stopping semantics, as qpth), or with ``return_best`` the
+    Returns the last iterate (early stopping semantics), or with ``return_best`` the
     iterate of smallest KKT residual; stops early where ``_IPM_STALL`` iterations brought no
     progress (degenerate problems whose residual is bounded by round-off).
     """

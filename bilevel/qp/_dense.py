@@ -66,15 +66,20 @@ def _objective_scale(Q: Tensor, p: Tensor) -> Tensor:
 
 
 class _Reduced:
-    """Factorisation of ``H = Q + G^T W G`` and of the Schur complement ``S = A H^-1 A^T``."""
+    """Factorisation of ``H = Q + G^T W G`` and of the Schur complement ``S = A H^-1 A^T``.
 
-    def __init__(self, Q: Tensor, G: Tensor, A: Tensor, w: Tensor) -> None:
+    ``relative_jitter``: regularise each factorisation relative to its own scale (for unscaled
+    problems, see :func:`cholesky_jittered`) instead of the absolute ``_JITTER``.
+    """
+
+    def __init__(self, Q: Tensor, G: Tensor, A: Tensor, w: Tensor, relative_jitter: float | None = None) -> None:
         H = Q + G.mT @ (w[..., None] * G) if G.shape[-2] > 0 else Q
-        self.L = cholesky_jittered(H, _JITTER)
+        jit, rel = (_JITTER, False) if relative_jitter is None else (relative_jitter, True)
+        self.L = cholesky_jittered(H, jit, relative=rel)
         self.A = A
         if A.shape[-2] > 0:
             self.HinvAt = torch.cholesky_solve(A.mT, self.L, upper=True)
-            self.Ls = cholesky_jittered(A @ self.HinvAt, _JITTER)
+            self.Ls = cholesky_jittered(A @ self.HinvAt, jit, relative=rel)
 
     def solve(self, g: Tensor, re: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Solve ``H dz + A^T dnu = g``, ``A dz = -re`` for ``(dz, dnu)``; ``re=None`` means 0."""

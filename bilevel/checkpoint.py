@@ -14,13 +14,16 @@ written atomically with :func:`torch.save` and read with ``torch.load(weights_on
 
 RNG states (torch, Python's ``random``, NumPy, CUDA) are converted to tensors and numbers by
 :func:`rng_state` and back by :func:`set_rng_state`, so a resumed run draws the same numbers as
-an uninterrupted one.
+an uninterrupted one. :func:`save_run` / :func:`restore_run` save and restore a whole training
+run (learner, optimizer, scheduler, sampler position, RNG states of every rank, :class:`Progress`).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,12 @@ import torch
 
 from bilevel._atomic import atomic_save
 from bilevel._version import __version__
+from bilevel.distributed import broadcast_object, on_rank0, world_size_mismatch
 from bilevel.io import ModelFileError, read_torch_file
+from bilevel.options import OptionError
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "checkpoint_info", "load_checkpoint", "rng_state",
-           "save_checkpoint", "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "Progress", "checkpoint_info", "load_checkpoint", "restore_run",
+           "rng_state", "save_checkpoint", "save_run", "set_rng_state"]
 
 CHECKPOINT_FORMAT = "bilevel.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -112,3 +117,82 @@ def checkpoint_info(out: str | os.PathLike) -> dict[str, int] | None:
         return None
     ckpt = load_checkpoint(path)
     return {"world_size": int(ckpt["identity"].get("world_size", 1)), "iteration": int(ckpt["iteration"])}
+
+
+@dataclass
+class Progress:
+    """What the training loop carries from one iteration to the next (saved in checkpoints)."""
+
+    iteration: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"mean": None, "iteration": None})
+    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0])  # loss sum, metric sum, count since last row
+    elapsed: float = 0.0
+
+
+def json_comparable(d: Mapping[str, Any]) -> Any:
+    """``d`` as it reads back from JSON (tuples become lists), for comparing run identities."""
+    return json.loads(json.dumps(d, default=str))
+
+
+def save_run(path: Path, identity: Mapping[str, Any], progress: Progress, learner: torch.nn.Module, optimizer: Any,
+             scheduler: Any, sampler: Any, rank: int, world: int) -> None:
+    """Checkpoint a training run (collective: every rank calls it; rank 0 writes ``path``)."""
+    rngs: Any = rng_state()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rngs)
+        rngs = gathered
+    else:
+        rngs = [rngs]
+    if rank == 0:
+        save_checkpoint(path, identity=json_comparable(identity), iteration=progress.iteration,
+                        learner=learner.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        sampler=sampler.state_dict(), rng=rngs, best=progress.best, running=progress.running,
+                        elapsed=progress.elapsed)
+
+
+def restore_run(path: Path | None, identity: Mapping[str, Any], *, iterations: int, learner: torch.nn.Module,
+                optimizer: Any, scheduler: Any, sampler: Any, rank: int, world: int,
+                best: Path | None = None) -> Progress:
+    """Restore a run from its checkpoint (collective; rank 0 reads ``path``, every rank gets it).
+
+    Checks, before anything is restored: the checkpoint's run identity equals ``identity``, it
+    was written by ``world`` processes, and ``iterations`` is not below its iteration; ``best``
+    (the run's ``best.pt``, if any) is readable.
+
+    Raises:
+        CheckpointError: unreadable checkpoint or best model. OptionError: another run, another
+            number of processes, or ``iterations`` below the checkpoint's.
+    """
+    def read() -> dict[str, Any]:
+        assert path is not None
+        checkpoint = load_checkpoint(path)
+        if best is not None and best.exists():
+            try:
+                read_torch_file(best, "best model")
+            except ModelFileError as e:
+                raise CheckpointError(f"{e}. Delete it to resume without the best model so far (the run then keeps "
+                                      "the best of what follows), or restore it") from None
+        return checkpoint
+
+    ckpt = broadcast_object(on_rank0(read))
+    out = path.parent if path is not None else "the run folder"
+    written_by = ckpt["identity"].get("world_size", 1)
+    if written_by != world:
+        raise OptionError("resume", world_size_mismatch(out, written_by, world))
+    mine, theirs = json_comparable(identity), ckpt["identity"]
+    mismatch = sorted(k for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k))
+    if mismatch:
+        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in mismatch)
+        raise OptionError("resume", f"--resume: the checkpoint in {out} was written by a different run ({detail})")
+    if iterations < ckpt["iteration"]:
+        raise OptionError("iterations", f"--resume with --iterations {iterations}: the checkpoint in {out} is already "
+                          f"at iteration {ckpt['iteration']}; pass --iterations >= {ckpt['iteration']}")
+    learner.load_state_dict(ckpt["learner"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    sampler.load_state_dict(ckpt["sampler"])
+    set_rng_state(ckpt["rng"][rank])
+    return Progress(int(ckpt["iteration"]), dict(ckpt["best"]), list(ckpt["running"]), float(ckpt["elapsed"]))

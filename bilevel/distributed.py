@@ -41,12 +41,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
+    "RankError",
     "average_gradients",
     "broadcast_module",
     "broadcast_object",
     "init_from_env",
     "launch",
     "leave_group",
+    "on_rank0",
     "under_launcher",
     "world",
     "world_size_mismatch",
@@ -255,3 +257,39 @@ def launch(fn: Callable[..., Any], args: Sequence[Any] = (), *, nproc: int, thre
     finally:
         if set_omp:
             os.environ.pop("OMP_NUM_THREADS", None)
+
+
+class RankError(ValueError):
+    """An error rank 0 met (e.g. reading or writing the run folder), raised on every other rank too.
+
+    Attributes:
+        option: the option rank 0's error named, if any (so the CLI reports it on that option).
+    """
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; if it raises, every rank raises (none is left waiting in a collective).
+
+    Invariant: called by every rank at the same point; returns ``fn()``'s result on rank 0 and
+    ``None`` elsewhere. Rank 0 re-raises its own exception; the others raise :class:`RankError`
+    with the same message. With one process it is just ``fn()``.
+    """
+    rank, size = world()
+    if size == 1:
+        return fn()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (ValueError, OSError) as e:
+            error = e
+    failure = broadcast_object(None if error is None else (str(error), getattr(error, "option", None)))
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise RankError(*failure)
+    return result

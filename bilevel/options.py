@@ -173,10 +173,13 @@ def _check_python(name: str, kind: str, decl: Option, value: Any) -> Any:
     if kind == "strategy":
         from bilevel.hypergrad import Strategy
 
-        if isinstance(value, str):
-            raise OptionError(name, f"{name} must be a hypergradient strategy object such as bilevel.Reverse(); "
-                                    f"text like {value!r} is parsed at the command line and in files "
-                                    "(bilevel.hypergrad.from_string)")
+        if isinstance(value, str):  # text goes through the one parser, and the object is kept
+            from bilevel.hypergrad import from_string
+
+            try:
+                return from_string(value)
+            except (TypeError, ValueError) as e:
+                raise OptionError(name, str(e)) from None
         if not isinstance(value, Strategy):
             raise OptionError(name, f"{name} must be a bilevel.Strategy, got {type(value).__name__}")
         return value

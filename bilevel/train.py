@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +40,14 @@ from bilevel import options as opts
 from bilevel import registry
 from bilevel._atomic import atomic_save, atomic_write_json
 from bilevel._engine import NonFiniteError
-from bilevel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from bilevel.data import SinusoidTasks, available_datasets, load_splits, make_sampler
-from bilevel.data.augment import Augment
+from bilevel.checkpoint import Progress, restore_run, save_run
 from bilevel.data.synthetic import seed_from
-from bilevel.data.transforms import example_shape as _example_shape
 from bilevel.distributed import average_gradients, broadcast_module, broadcast_object, init_from_env, leave_group
+from bilevel.distributed import on_rank0
 from bilevel.distributed import world as _world
-from bilevel.distributed import world_size_mismatch
-from bilevel.evaluation import evaluate_learner
-from bilevel.io import load, read_torch_file, save_learner
+from bilevel.episodes import DataConfig, Samplers, build_samplers
+from bilevel.evaluation import evaluate_learner, evaluate_model
+from bilevel.io import read_torch_file, save_learner
 from bilevel.learner import MetaLearner
 from bilevel.options import OptionError, option
 from bilevel.parallel import TaskThreads
@@ -61,53 +59,14 @@ BEST = "best.pt"
 MODEL = "model.pt"
 METRICS = "metrics.json"
 
+# DataConfig, build_samplers (bilevel.episodes) and evaluate_model (bilevel.evaluation) are re-exported:
+# a run is configured by DataConfig and TrainConfig together.
 __all__ = ["DataConfig", "Samplers", "TrainConfig", "TrainingDiverged", "build_samplers", "evaluate_model", "fit",
-           "meta_gradient", "on_rank0"]
+           "meta_gradient"]
 
 
 class TrainingDiverged(FloatingPointError):
     """The meta-loss or an inner loss became non-finite during training (a run error, not bad usage)."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which episodes to train and evaluate on (declared options; see :mod:`bilevel.options`).
-
-    ``data_root`` is stored as an absolute path, so a run's identity does not depend on the
-    directory it was started from.
-    """
-
-    dataset: str = option("glyphs", help="omniglot, mini-imagenet, tiered-imagenet, cifar-fs, fc100, sinusoid or "
-                          "glyphs (offline).")
-    data_root: str | None = option(None, help="Folder holding the dataset files.")
-    ways: int = option(5, help="N classes per episode (test time).", min=2)
-    shots: int = option(1, help="K support examples per class (test time).", min=1)
-    queries: int = option(15, help="Q query examples per class.", min=1)
-    train_shots: int | None = option(None, help="K at training time (default: --shots).", min=1)
-    train_ways: int | None = option(None, help="N at training time (default: --ways).", min=2)
-    meta_batch: int = option(4, help="Episodes per outer step.", min=1)
-    augment: bool = option(False, help="Crop/flip/colour-jitter training images (MetaOptNet).")
-    rotations: bool | None = option(None, help="Omniglot: 90° rotations as new classes.")
-    split_by: str | None = option(None, help="Omniglot class split.", choices=("alphabet", "character"))
-    options: dict[str, Any] = option(default_factory=dict, help="Other dataset options (Python only).", cli=False)
-
-    def __post_init__(self) -> None:
-        opts.validate(self)
-        if self.dataset not in available_datasets():
-            raise OptionError("dataset", f"unknown dataset {self.dataset!r}; expected one of {', '.join(available_datasets())}")
-        if self.data_root is not None:
-            object.__setattr__(self, "data_root", str(Path(self.data_root).expanduser().resolve()))
-        if (self.rotations is not None or self.split_by is not None) and self.dataset != "omniglot":
-            raise OptionError("rotations" if self.rotations is not None else "split_by",
-                              "--rotations/--split-by apply to --dataset omniglot only")
-
-    def dataset_options(self) -> dict[str, Any]:
-        out = dict(self.options)
-        if self.rotations is not None:
-            out["rotations"] = self.rotations
-        if self.split_by is not None:
-            out["split_by"] = self.split_by
-        return out
 
 
 @dataclass(frozen=True)
@@ -146,43 +105,6 @@ class TrainConfig:
         d = {"optimizer": "adam", "outer_lr": 1e-3, "weight_decay": 0.0, **learner_cls.train_defaults}
         return dataclasses.replace(self, **{k: getattr(self, k) if getattr(self, k) is not None else d[k]
                                             for k in ("optimizer", "outer_lr", "weight_decay")})
-
-
-# ----------------------------------------------------------------------------- episodes
-@dataclass
-class Samplers:
-    train: Any
-    val: Any
-    test: Any
-    example_shape: list[int]
-    transform: dict[str, Any]
-    task: str
-
-
-def build_samplers(data: DataConfig, seed: int, splits: tuple[str, ...] = ("train", "val", "test")) -> Samplers:
-    """Load the dataset splits once and build the train/val/test episode samplers.
-
-    The three samplers use distinct episode streams derived from ``seed``; the validation and
-    test episodes are the same in every run with that seed.
-    """
-    ds = load_splits(data.dataset, data.data_root, splits, **data.dataset_options())
-    first = ds[splits[0]]
-    regression = isinstance(first, SinusoidTasks)
-    ways = None if regression else data.ways
-    train_ways = None if regression else (data.train_ways or data.ways)
-    augment = Augment.metaoptnet(int(first.images.shape[-1])) if data.augment and not regression else None
-    out: dict[str, Any] = {}
-    for split in splits:
-        if split == "train":
-            out[split] = make_sampler(ds[split], ways=train_ways, shots=data.train_shots or data.shots,
-                                      queries=data.queries, meta_batch=data.meta_batch, seed=seed, augment=augment)
-        else:  # evaluation streams are indexed by episode (meta_batch 1): independent of --meta-batch
-            out[split] = make_sampler(ds[split], ways=ways, shots=data.shots, queries=data.queries,
-                                      meta_batch=1, seed=seed + {"val": 1, "test": 2}[split])
-    spec = first.transform
-    shape = list(_example_shape(spec)) if not regression else [1]
-    return Samplers(out.get("train"), out.get("val"), out.get("test"), shape, dict(spec),
-                    "regression" if regression else "classification")
 
 
 def _share(meta_batch: int, rank: int, world: int) -> list[int]:
@@ -235,16 +157,6 @@ def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor], thr
 
 
 # ----------------------------------------------------------------------------- the run
-@dataclass
-class Progress:
-    """What the loop carries from one iteration to the next (and saves in checkpoints)."""
-
-    iteration: int = 0
-    best: dict[str, Any] = field(default_factory=lambda: {"mean": None, "iteration": None})
-    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0])  # loss sum, metric sum, count since last row
-    elapsed: float = 0.0
-
-
 def _is_better(value: float, best: float | None, task: str) -> bool:
     return best is None or (value < best if task == "regression" else value > best)
 
@@ -330,33 +242,6 @@ def fit(
             leave_group(synchronize=finished)
 
 
-def on_rank0(fn: Any) -> Any:
-    """``fn()`` on rank 0 only; if it raises, every rank raises the same error (none is left waiting).
-
-    Returns ``fn()``'s result on rank 0 and ``None`` elsewhere. With one process it is ``fn()``.
-    """
-    rank, world = _world()
-    if world == 1:
-        return fn()
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except (ValueError, FileNotFoundError, OSError) as e:
-            error = e
-    failure = broadcast_object(None if error is None else (type(error).__name__, str(error), getattr(error, "option", None)))
-    if error is not None:
-        raise error
-    if failure is not None:
-        kind, message, option_name = failure
-        raise OptionError(option_name or "out", message) if option_name else RankError(f"rank 0: {kind}: {message}")
-    return result
-
-
-class RankError(ValueError):
-    """An error rank 0 met (reading or writing the run folder), raised on the other ranks too."""
-
-
 def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: TrainConfig, device: torch.device,
          resume: bool, folder: RunFolder | None) -> dict[str, Any]:
     if cfg.threads is not None:
@@ -390,7 +275,9 @@ def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: 
 
     state = Progress()
     if resume:
-        state = _restore(folder, identity, cfg, learner, opt, sched, samplers.train, rank, world)
+        state = restore_run(folder.file(CHECKPOINT) if folder else None, identity, iterations=cfg.iterations,
+                            learner=learner, optimizer=opt, scheduler=sched, sampler=samplers.train, rank=rank,
+                            world=world, best=folder.file(BEST) if folder else None)
     if folder is not None:
         resolved = {k: v for c in (data, cfg, config) for k, v in opts.to_json(c).items()
                     if k in {f.name for f, _, _ in opts.cli_fields(type(c))}}
@@ -413,62 +300,6 @@ class _PiecewiseLR:
             if it >= start:
                 factor = f
         return factor
-
-
-def _restore(folder: RunFolder | None, identity: dict[str, Any], cfg: TrainConfig, learner: MetaLearner,
-             opt: torch.optim.Optimizer, sched: Any, sampler: Any, rank: int, world: int) -> Progress:
-    """Load ``checkpoint.pt`` (rank 0 reads, every rank gets it) and restore the whole run state."""
-    def read() -> dict[str, Any]:
-        assert folder is not None
-        checkpoint = load_checkpoint(folder.file(CHECKPOINT))
-        if folder.file(BEST).exists():  # validated now, not at the end of training
-            read_torch_file(folder.file(BEST), "best model (best.pt)")
-        return checkpoint
-
-    ckpt = broadcast_object(on_rank0(read))
-    out = cfg.out
-    written_by = ckpt["identity"].get("world_size", 1)
-    if written_by != world:
-        raise OptionError("resume", world_size_mismatch(out, written_by, world))
-    mine = json_comparable(identity)
-    theirs = ckpt["identity"]
-    mismatch = sorted(k for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k))
-    if mismatch:
-        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in mismatch)
-        raise OptionError("resume", f"--resume: the checkpoint in {out} was written by a different run ({detail})")
-    if cfg.iterations < ckpt["iteration"]:
-        raise OptionError("iterations", f"--resume with --iterations {cfg.iterations}: the checkpoint in {out} is already "
-                          f"at iteration {ckpt['iteration']}; pass --iterations >= {ckpt['iteration']}")
-    learner.load_state_dict(ckpt["learner"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    sampler.load_state_dict(ckpt["sampler"])
-    set_rng_state(ckpt["rng"][rank])
-    return Progress(int(ckpt["iteration"]), dict(ckpt["best"]), list(ckpt["running"]), float(ckpt["elapsed"]))
-
-
-def json_comparable(d: Mapping[str, Any]) -> Any:
-    """``d`` as it reads back from JSON (tuples become lists), for comparing identities."""
-    import json
-
-    return json.loads(json.dumps(d, default=str))
-
-
-def _checkpoint(path: Path, identity: dict[str, Any], state: Progress, learner: MetaLearner, opt: Any, sched: Any,
-                sampler: Any, rank: int, world: int) -> None:
-    rngs: Any = rng_state()
-    if world > 1:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, rngs)
-        rngs = gathered
-    else:
-        rngs = [rngs]
-    if rank == 0:
-        save_checkpoint(path, identity=json_comparable(identity), iteration=state.iteration, learner=learner.state_dict(),
-                        optimizer=opt.state_dict(), scheduler=sched.state_dict(), sampler=sampler.state_dict(),
-                        rng=rngs, best=state.best, running=state.running, elapsed=state.elapsed)
 
 
 def _diverged(what: str, it: int, out: Path, checkpointed: int | None) -> TrainingDiverged:
@@ -530,7 +361,7 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
                     if rank == 0:
                         atomic_save(learner.state_dict(), out / BEST)
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                _checkpoint(out / CHECKPOINT, identity, state, learner, opt, sched, samplers.train, rank, world)
+                save_run(out / CHECKPOINT, identity, state, learner, opt, sched, samplers.train, rank, world)
                 checkpointed = done
             if bar is not None:
                 bar.update(1)
@@ -565,44 +396,3 @@ def _finish(name: str, learner: MetaLearner, samplers: Samplers, data: DataConfi
     return metrics
 
 
-# ----------------------------------------------------------------------------- evaluation of a saved model
-def evaluate_model(path: str | Path, episodes: int, *, data: Mapping[str, Any] | None = None,
-                   overrides: Mapping[str, Any] | None = None, method: str | None = None, seed: int | None = None,
-                   device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Evaluate a saved ``model.pt`` on its test split: mean ± 95% CI over ``episodes`` episodes.
-
-    The dataset, ways, shots and queries are those the model was trained with (recorded in the
-    file), unless ``data`` overrides them; the test episodes are those of a training run with
-    ``seed`` (default: the model's own seed).
-
-    Args:
-        path: a ``model.pt`` written by :func:`fit` (or its folder).
-        episodes: number of test episodes.
-        data: :class:`DataConfig` fields to change (e.g. ``{"shots": 5}``).
-        overrides: learner options to change at test time (e.g. ``{"eval_steps": 10}``).
-        method: refuse a model of another registered learner (the CLI passes its method).
-        seed: the test stream's seed.
-
-    Returns:
-        The evaluator's record plus ``{"learner", "dataset", "data"}``.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / MODEL
-    model = load(p, device=device, config_overrides=overrides)
-    if method is not None and model.name != method:
-        raise OptionError("checkpoint", f"{p} holds a {model.name!r} model, not {method!r}; evaluate it with "
-                          f"`bilevel {model.name} eval`")
-    learner = model.learner
-    if not isinstance(learner, MetaLearner):
-        raise OptionError("checkpoint", f"{p} does not hold a bilevel MetaLearner")
-    saved = dict(model.metadata.get("data") or {"dataset": model.metadata.get("dataset", "glyphs")})
-    values = {**saved, **dict(data or {})}
-    config = opts.from_json(DataConfig, values, where=str(p))
-    if learner.task == "classification":
-        learner.check_ways(config.ways)
-    samplers = build_samplers(config, model.metadata.get("seed", 0) if seed is None else seed, ("test",))
-    if samplers.task != learner.task:
-        raise OptionError("dataset", f"{p} is a {learner.task} model; dataset {config.dataset!r} is {samplers.task}")
-    result = evaluate_learner(learner, samplers.test, episodes, device=device, progress=progress)
-    return {**result, "learner": model.name, "dataset": config.dataset, "data": opts.to_json(config)}

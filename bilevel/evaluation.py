@@ -27,7 +27,7 @@ from torch import Tensor
 from bilevel import options as opts
 from bilevel._engine import NonFiniteError
 from bilevel.distributed import world
-from bilevel.episodes import DataConfig, build_samplers
+from bilevel.run_config import DataConfig, build_samplers
 from bilevel.io import load
 from bilevel.learner import MetaLearner
 from bilevel.options import OptionError

@@ -1,4 +1,4 @@
-"""Task-parallel meta-gradients on CPU threads: the episodes of a meta-batch split over workers.
+"""The meta-gradient of a meta-batch, split over CPU threads (:class:`TaskThreads`) and ranks (:func:`meta_gradient`).
 
 On a multi-core CPU, the kernels of one small episode (a few dozen 28×28 images) parallelise
 poorly across cores, while the episodes of a meta-batch are independent. ``TaskThreads`` runs
@@ -14,10 +14,14 @@ import copy
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import math
+
 import torch
 from torch import Tensor
 
+from bilevel._engine import NonFiniteError
 from bilevel.data.sampler import Episodes
+from bilevel.distributed import average_gradients
 from bilevel.learner import MetaLearner
 
 
@@ -109,4 +113,46 @@ class TaskThreads:
             self.pool.shutdown()
 
 
-__all__ = ["TaskThreads"]
+
+
+def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor], threads: TaskThreads | None = None) -> Tensor:
+    """Set ``p.grad`` to the meta-gradient of the whole meta-batch, averaged over the ranks.
+
+    Invariant: with this rank's B/W episodes, ``p.grad = 1/W Σ_r ∇_p meta_loss_r`` =
+    ∇_p (1/B Σ_j E_j), the gradient one process computes on all B episodes (Franceschi et al.
+    2018, eq. (3.1)); the average is taken after the outer backward, so any hypergradient
+    strategy composes with it (:func:`bilevel.distributed.average_gradients`). An inner loss
+    that is not finite on one rank makes the averaged meta-loss infinite on every rank (all
+    ranks then stop together).
+
+    Args:
+        learner: the meta-learner; ``learner.meta_loss(episodes, train=True)``.
+        episodes: this rank's share of the meta-batch.
+        params: the outer parameters (same order on every rank); their ``.grad`` is replaced.
+        threads: run this rank's episodes on several CPU threads (:class:`bilevel.parallel.TaskThreads`).
+
+    Returns:
+        float64 [2]: the meta-loss and the metric, averaged over the whole meta-batch.
+    """
+    for p in params:
+        p.grad = None
+    try:
+        if threads is not None and threads.workers > 1:
+            loss, metric, grads = threads.meta_gradient(episodes, train=True)
+            by_id = {id(p): g for p, g in zip(learner.parameters(), grads)}
+            for p in params:
+                p.grad = by_id.get(id(p))
+        else:
+            loss, metric = learner.meta_loss(episodes, train=True)
+            loss.backward()
+        stats = torch.stack([loss.detach().double(), metric.detach().double().mean()])
+    except NonFiniteError:
+        for p in params:
+            p.grad = None
+        stats = torch.tensor([math.inf, math.nan], dtype=torch.float64)
+    averaged = average_gradients(params, stats)
+    assert averaged is not None
+    return averaged
+
+
+__all__ = ["TaskThreads", "meta_gradient"]

@@ -23,12 +23,10 @@ resumed with the number of processes that wrote it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +37,16 @@ from torch import Tensor
 from bilevel import options as opts
 from bilevel import registry
 from bilevel._atomic import atomic_save, atomic_write_json
-from bilevel._engine import NonFiniteError
 from bilevel.checkpoint import Progress, restore_run, save_run
 from bilevel.data.synthetic import seed_from
-from bilevel.distributed import average_gradients, broadcast_module, broadcast_object, init_from_env, leave_group
-from bilevel.distributed import on_rank0
+from bilevel.distributed import broadcast_module, broadcast_object, init_from_env, leave_group, on_rank0
 from bilevel.distributed import world as _world
-from bilevel.episodes import DataConfig, Samplers, build_samplers
 from bilevel.evaluation import evaluate_learner, evaluate_model
 from bilevel.io import read_torch_file, save_learner
 from bilevel.learner import MetaLearner
-from bilevel.options import OptionError, option
-from bilevel.parallel import TaskThreads
+from bilevel.options import OptionError
+from bilevel.parallel import TaskThreads, meta_gradient
+from bilevel.run_config import DataConfig, PiecewiseLR, Samplers, TrainConfig, build_samplers
 from bilevel.run_folder import RunFolder
 from bilevel.run_log import RunLog
 
@@ -59,8 +55,8 @@ BEST = "best.pt"
 MODEL = "model.pt"
 METRICS = "metrics.json"
 
-# DataConfig, build_samplers (bilevel.episodes) and evaluate_model (bilevel.evaluation) are re-exported:
-# a run is configured by DataConfig and TrainConfig together.
+# Re-exported: a run's configuration (bilevel.run_config), evaluate_model (bilevel.evaluation) and
+# meta_gradient (bilevel.parallel), the pieces the loop is made of.
 __all__ = ["DataConfig", "Samplers", "TrainConfig", "TrainingDiverged", "build_samplers", "evaluate_model", "fit",
            "meta_gradient"]
 
@@ -69,91 +65,12 @@ class TrainingDiverged(FloatingPointError):
     """The meta-loss or an inner loss became non-finite during training (a run error, not bad usage)."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train (declared options). ``optimizer``, ``outer_lr`` and ``weight_decay`` left at
-    ``None`` take the learner's ``train_defaults`` (Adam 1e-3 without weight decay unless the
-    method says otherwise, e.g. MetaOptNet: SGD 0.1, 5e-4)."""
-
-    iterations: int = option(1000, help="Outer steps.", min=1)
-    optimizer: str | None = option(None, help="Outer optimizer (default per method).", choices=("adam", "sgd"))
-    outer_lr: float | None = option(None, help="Outer learning rate (default per method).", min=0, min_open=True)
-    momentum: float = option(0.9, help="SGD momentum (Nesterov).", min=0, max=1, max_open=True)
-    weight_decay: float | None = option(None, help="Outer weight decay (default per method).", min=0)
-    lr_schedule: opts.Schedule = option(default_factory=list, help="Piecewise factors of the outer learning rate, "
-                                        "e.g. 2000:0.1,4000:0.01.")
-    grad_clip: float | None = option(None, help="Clip the meta-gradient norm.", min=0, min_open=True)
-    val_every: int = option(500, help="Validate every this many iterations.", min=1)
-    val_episodes: int = option(100, help="Validation episodes.", min=1)
-    test_episodes: int = option(600, help="Test episodes at the end.", min=1)
-    checkpoint_every: int = option(100, help="Checkpoint period in iterations.", min=1)
-    log_every: int = option(10, help="Training-log period in iterations.", min=1, cli=False)
-    seed: int = option(0, help="Seeds the initialisation and the episode streams.")
-    device: str = option("cpu", help="cpu, cuda, cuda:1, …")
-    threads: int | None = option(None, help="torch CPU threads (default: torch's).", min=1)
-    task_threads: int = option(1, help="Split each meta-batch over this many CPU threads (one learner replica each).",
-                               min=1)
-    progress: bool = option(True, help="Show a progress bar.")
-    tensorboard: bool = option(True, help="Also log TensorBoard events.")
-    out: str = option("runs/bilevel", help="Output folder.", cli=False)
-
-    def __post_init__(self) -> None:
-        opts.validate(self)
-
-    def resolved(self, learner_cls: type[MetaLearner]) -> TrainConfig:
-        """This config with the method's defaults filled in."""
-        d = {"optimizer": "adam", "outer_lr": 1e-3, "weight_decay": 0.0, **learner_cls.train_defaults}
-        return dataclasses.replace(self, **{k: getattr(self, k) if getattr(self, k) is not None else d[k]
-                                            for k in ("optimizer", "outer_lr", "weight_decay")})
-
-
 def _share(meta_batch: int, rank: int, world: int) -> list[int]:
     if meta_batch % world:
         raise OptionError("meta_batch", f"meta_batch={meta_batch} is not divisible by the number of processes ({world}); "
                           "choose a meta-batch that is a multiple of --nproc")
     per = meta_batch // world
     return list(range(rank * per, (rank + 1) * per))
-
-
-# ----------------------------------------------------------------------------- one outer step
-def meta_gradient(learner: MetaLearner, episodes: Any, params: list[Tensor], threads: TaskThreads | None = None) -> Tensor:
-    """Set ``p.grad`` to the meta-gradient of the whole meta-batch, averaged over the ranks.
-
-    Invariant: with this rank's B/W episodes, ``p.grad = 1/W Σ_r ∇_p meta_loss_r`` =
-    ∇_p (1/B Σ_j E_j), the gradient one process computes on all B episodes (Franceschi et al.
-    2018, eq. (3.1)); the average is taken after the outer backward, so any hypergradient
-    strategy composes with it (:func:`bilevel.distributed.average_gradients`). An inner loss
-    that is not finite on one rank makes the averaged meta-loss infinite on every rank (all
-    ranks then stop together).
-
-    Args:
-        learner: the meta-learner; ``learner.meta_loss(episodes, train=True)``.
-        episodes: this rank's share of the meta-batch.
-        params: the outer parameters (same order on every rank); their ``.grad`` is replaced.
-        threads: run this rank's episodes on several CPU threads (:class:`bilevel.parallel.TaskThreads`).
-
-    Returns:
-        float64 [2]: the meta-loss and the metric, averaged over the whole meta-batch.
-    """
-    for p in params:
-        p.grad = None
-    try:
-        if threads is not None and threads.workers > 1:
-            loss, metric, grads = threads.meta_gradient(episodes, train=True)
-            by_id = {id(p): g for p, g in zip(learner.parameters(), grads)}
-            for p in params:
-                p.grad = by_id.get(id(p))
-        else:
-            loss, metric = learner.meta_loss(episodes, train=True)
-            loss.backward()
-        stats = torch.stack([loss.detach().double(), metric.detach().double().mean()])
-    except NonFiniteError:
-        for p in params:
-            p.grad = None
-        stats = torch.tensor([math.inf, math.nan], dtype=torch.float64)
-    averaged = average_gradients(params, stats)
-    assert averaged is not None
-    return averaged
 
 
 # ----------------------------------------------------------------------------- the run
@@ -270,7 +187,7 @@ def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: 
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _PiecewiseLR(cfg.lr_schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, PiecewiseLR(cfg.lr_schedule))
     identity = _identity(name, learner, data, cfg, world)
 
     state = Progress()
@@ -286,20 +203,6 @@ def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: 
     with RunLog(out, rank == 0, cfg.tensorboard, state.iteration if resume else None) as log:
         _loop(learner, params, opt, sched, samplers, share, cfg, device, state, log, identity, out, rank, world)
     return _finish(name, learner, samplers, data, cfg, device, state, out, rank)
-
-
-class _PiecewiseLR:
-    """LambdaLR multiplier: ``factor`` of the last schedule entry whose iteration is reached."""
-
-    def __init__(self, schedule: list[tuple[int, float]]) -> None:
-        self.schedule = sorted((int(i), float(f)) for i, f in schedule)
-
-    def __call__(self, it: int) -> float:
-        factor = 1.0
-        for start, f in self.schedule:
-            if it >= start:
-                factor = f
-        return factor
 
 
 def _diverged(what: str, it: int, out: Path, checkpointed: int | None) -> TrainingDiverged:

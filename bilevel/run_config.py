@@ -1,9 +1,12 @@
-"""Which episodes a run trains and evaluates on: :class:`DataConfig` and the samplers built from it."""
+"""What a training run is: its declared options (:class:`DataConfig`, :class:`TrainConfig`) and the
+episode samplers built from them. The learner's own options are its ``Config``
+(:class:`bilevel.learner.MetaLearner`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bilevel import options as opts
 from bilevel.data import SinusoidTasks, available_datasets, load_splits, make_sampler
@@ -11,7 +14,10 @@ from bilevel.data.augment import Augment
 from bilevel.data.transforms import example_shape as _example_shape
 from bilevel.options import OptionError, option
 
-__all__ = ["DataConfig", "Samplers", "build_samplers"]
+if TYPE_CHECKING:
+    from bilevel.learner import MetaLearner
+
+__all__ = ["DataConfig", "PiecewiseLR", "Samplers", "TrainConfig", "build_samplers"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,58 @@ class DataConfig:
         if self.split_by is not None:
             out["split_by"] = self.split_by
         return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (declared options). ``optimizer``, ``outer_lr`` and ``weight_decay`` left at
+    ``None`` take the learner's ``train_defaults`` (Adam 1e-3 without weight decay unless the
+    method says otherwise, e.g. MetaOptNet: SGD 0.1, 5e-4)."""
+
+    iterations: int = option(1000, help="Outer steps.", min=1)
+    optimizer: str | None = option(None, help="Outer optimizer (default per method).", choices=("adam", "sgd"))
+    outer_lr: float | None = option(None, help="Outer learning rate (default per method).", min=0, min_open=True)
+    momentum: float = option(0.9, help="SGD momentum (Nesterov).", min=0, max=1, max_open=True)
+    weight_decay: float | None = option(None, help="Outer weight decay (default per method).", min=0)
+    lr_schedule: opts.Schedule = option(default_factory=list, help="Piecewise factors of the outer learning rate, "
+                                        "e.g. 2000:0.1,4000:0.01.")
+    grad_clip: float | None = option(None, help="Clip the meta-gradient norm.", min=0, min_open=True)
+    val_every: int = option(500, help="Validate every this many iterations.", min=1)
+    val_episodes: int = option(100, help="Validation episodes.", min=1)
+    test_episodes: int = option(600, help="Test episodes at the end.", min=1)
+    checkpoint_every: int = option(100, help="Checkpoint period in iterations.", min=1)
+    log_every: int = option(10, help="Training-log period in iterations.", min=1, cli=False)
+    seed: int = option(0, help="Seeds the initialisation and the episode streams.")
+    device: str = option("cpu", help="cpu, cuda, cuda:1, …")
+    threads: int | None = option(None, help="torch CPU threads (default: torch's).", min=1)
+    task_threads: int = option(1, help="Split each meta-batch over this many CPU threads (one learner replica each).",
+                               min=1)
+    progress: bool = option(True, help="Show a progress bar.")
+    tensorboard: bool = option(True, help="Also log TensorBoard events.")
+    out: str = option("runs/bilevel", help="Output folder.", cli=False)
+
+    def __post_init__(self) -> None:
+        opts.validate(self)
+
+    def resolved(self, learner_cls: type[MetaLearner]) -> TrainConfig:
+        """This config with the method's defaults filled in."""
+        d = {"optimizer": "adam", "outer_lr": 1e-3, "weight_decay": 0.0, **learner_cls.train_defaults}
+        return dataclasses.replace(self, **{k: getattr(self, k) if getattr(self, k) is not None else d[k]
+                                            for k in ("optimizer", "outer_lr", "weight_decay")})
+
+
+class PiecewiseLR:
+    """``TrainConfig.lr_schedule`` as a LambdaLR multiplier: the factor of the last entry whose iteration is reached."""
+
+    def __init__(self, schedule: list[tuple[int, float]]) -> None:
+        self.schedule = sorted((int(i), float(f)) for i, f in schedule)
+
+    def __call__(self, it: int) -> float:
+        factor = 1.0
+        for start, f in self.schedule:
+            if it >= start:
+                factor = f
+        return factor
 
 
 @dataclass

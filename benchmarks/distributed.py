@@ -39,12 +39,12 @@ def _worker(method: str, opts: dict[str, Any], threads: int) -> dict[str, Any]:
     """One rank: build data, learner and optimiser, time ``opts['iterations']`` outer steps."""
     import torch.distributed as dist
 
-    from bilevel.cli import METHODS
     from bilevel.data import load_splits, make_sampler
     from bilevel.data.transforms import example_shape
     from bilevel.distributed import init_from_env, leave_group, world
-    from bilevel.io import _resolve_factory
-    from bilevel.train import _share, meta_gradient
+    from bilevel.parallel import meta_gradient
+    from bilevel.registry import get_learner
+    from bilevel.train import _share
 
     torch.set_num_threads(threads)
     _, owned = init_from_env("cpu")
@@ -56,8 +56,7 @@ def _worker(method: str, opts: dict[str, Any], threads: int) -> dict[str, Any]:
                                meta_batch=opts["meta_batch"], seed=0)
         kwargs, optim = LEARNERS[method]
         torch.manual_seed(0)
-        learner = _resolve_factory(METHODS[method].factory)(example_shape=list(example_shape(ds.transform)),
-                                                             ways=opts["ways"], **kwargs)
+        learner = get_learner(method).factory(example_shape=list(example_shape(ds.transform)), ways=opts["ways"], **kwargs)
         params = [p for p in learner.parameters() if p.requires_grad]
         if optim["optimizer"] == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=optim["lr"], momentum=optim["momentum"],

@@ -57,3 +57,49 @@ def test_evaluate_is_reproducible_and_position_independent():
     assert r3["values"] != r1["values"]
     with pytest.raises(ValueError, match="episodes must be an integer >= 1"):
         evaluate(oracle, s, episodes=0)
+
+
+def _diverging_maml():
+    """MAML on the sinusoid with a step size some tasks cannot take for 10 steps (their inner loss overflows)."""
+    from learners.maml import MAML
+
+    torch.manual_seed(0)
+    return MAML(example_shape=[1], ways=None, inner_lr=0.2, eval_steps=10)
+
+
+def test_diverged_episodes_are_recorded_not_fatal():
+    from bilevel.evaluation import evaluate_learner, summarize
+    from bilevel.run_config import DataConfig, build_samplers
+
+    s = build_samplers(DataConfig(dataset="sinusoid", shots=5, queries=5, meta_batch=2), seed=0, splits=("test",))
+    m = _diverging_maml()
+    chunked = evaluate_learner(m, s.test, 40, chunk=8)  # tasks batched: one exploding task poisons its chunk
+    single = evaluate_learner(m, s.test, 40, chunk=1)
+    assert chunked["episodes"] == 40 and 0 < chunked["diverged"] < 40, chunked
+    assert chunked["diverged"] == single["diverged"]
+    assert chunked["median"] == pytest.approx(single["median"], rel=1e-5)
+    assert math.isfinite(chunked["mean"]) and math.isfinite(chunked["ci95"])
+    rec = summarize([1.0, float("nan"), 3.0, float("inf")], "mse")
+    assert rec == {"metric": "mse", "mean": 2.0, "ci95": pytest.approx(1.96 / math.sqrt(2)), "median": 1.0, "episodes": 4, "diverged": 2}
+    assert math.isnan(summarize([float("nan")], "accuracy")["mean"])
+
+
+def test_eval_cli_reports_diverged_episodes_and_takes_eval_time_options(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from bilevel.cli import main
+
+    out = tmp_path / "run"
+    args = ["maml", "train", "--dataset", "sinusoid", "--shots", "5", "--queries", "5", "--meta-batch", "2",
+            "--iterations", "2", "--val-every", "2", "--val-episodes", "2", "--test-episodes", "4", "--inner-lr", "0.01",
+            "--no-progress", "--no-tensorboard", "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    r = CliRunner().invoke(main, ["maml", "eval", "--checkpoint", str(out), "--episodes", "40", "--eval-steps", "10",
+                                  "--inner-lr", "0.2", "--threads", "1", "--no-progress", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())["test"]
+    assert ev["diverged"] > 0 and f"{ev['diverged']} diverged, excluded; median" in r.output
+    r = CliRunner().invoke(main, ["meta-sgd", "eval", "--checkpoint", str(out), "--inner-lr", "0.2"])
+    assert r.exit_code == 2 and "No such option '--inner-lr'" in r.output  # Meta-SGD's step sizes are learned

@@ -88,7 +88,7 @@ def summarize(values: Sequence[float] | Tensor, metric: str) -> dict[str, Any]:
     ok = v[finite]
     if ok.numel():
         mean, ci = mean_ci(ok)
-        median = float(ok.median())
+        median = float(ok.quantile(0.5))  # the mean of the two middle values for an even count
     else:
         mean = ci = median = math.nan
     return {"metric": metric, "mean": mean, "ci95": ci, "median": median, "episodes": int(v.numel()),

@@ -299,6 +299,17 @@ def _check_nproc(nproc: int, data: Any, cfg: Any, resume: bool) -> None:
             raise click.UsageError(world_size_mismatch(cfg.out, info["world_size"], nproc))
 
 
+def _writable_folder(path: Path) -> None:
+    """Create ``path`` now (before any work) or raise a usage error on ``--out``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(f"{path} cannot be created ({e.strerror or e}); choose a folder you can write to",
+                                 param_hint="'--out'") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{path} is not writable; choose a folder you can write to", param_hint="'--out'")
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -371,6 +382,8 @@ def method_group(name: str, cls: Any) -> click.Group:
         from bilevel.train import DataConfig, evaluate_model
 
         with _errors_to_messages():
+            if o["out"]:
+                _writable_folder(Path(o["out"]))
             if o["device"] is not None:
                 _check_device(o["device"])
             if o["threads"] is not None:

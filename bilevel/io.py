@@ -186,6 +186,15 @@ def save_learner(path: str | os.PathLike, learner: Any, *, transform: Mapping[st
                       state=learner.state_dict(), transform=transform, metadata=metadata)
 
 
+def _dtype_of(learner: Any) -> torch.dtype | None:
+    """The floating dtype of a module learner's parameters (``None`` for other learners)."""
+    if isinstance(learner, torch.nn.Module):
+        for p in learner.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
 def _as_batch(x: Any, transform: Callable[[Any], Tensor], name: str) -> Tensor:
     """Tensor as is; a sequence of PIL images / arrays / tensors is transformed and stacked."""
     if isinstance(x, Tensor):
@@ -302,7 +311,15 @@ class FewShotModel:
                     f"support_y must have shape [{n_support}, out] for a regression model, "
                     f"got {tuple(sy.shape)}"
                 )
+        check_ways = getattr(self.learner, "check_ways", None)
+        if n_way is not None and callable(check_ways):
+            check_ways(n_way)
         dev = self.device
+        dtype = _dtype_of(self.learner)  # inputs in the learner's precision (e.g. float64 arrays for a float32 model)
+        if dtype is not None:
+            sx, qx = sx.to(dtype), qx.to(dtype)
+            if sy.is_floating_point():
+                sy = sy.to(dtype)
         out = self.learner.predict_episode(sx.to(dev), sy.to(dev), qx.to(dev), n_way)
         if not isinstance(out, Tensor):
             raise TypeError(

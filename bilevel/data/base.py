@@ -287,11 +287,13 @@ def cached(
     *,
     cache: bool,
     cache_dir: str | os.PathLike | None,
+    images_shape: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Return ``build()``, memoised in ``<cache_dir>/<kind>-<hash(key)>.pt`` when ``cache``.
 
     The cache file is written atomically and read with ``weights_only=True``; an unreadable
-    cache file or an unwritable cache dir only gives a warning (the data is rebuilt).
+    cache file, one whose ``images`` are not a uint8 tensor of ``images_shape`` (when given),
+    or an unwritable cache dir only gives a warning naming the file (the data is rebuilt).
     """
     if not cache:
         return build()
@@ -302,9 +304,18 @@ def cached(
     path = path / f"{kind}-{digest}.pt"
     if path.is_file():
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            value = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a broken cache is rebuilt, not fatal
-            warnings.warn(f"ignoring unreadable cache file {path} ({e}); rebuilding", stacklevel=3)
+            warnings.warn(f"ignoring unreadable cache file {path} ({str(e).splitlines()[0]}); rebuilding", stacklevel=3)
+        else:
+            images = value.get("images") if isinstance(value, dict) else None
+            ok = isinstance(images, Tensor) and images.dtype == torch.uint8 and (
+                images_shape is None or tuple(images.shape) == tuple(images_shape))
+            if ok:
+                return value
+            got = f"images {tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(value).__name__
+            warnings.warn(f"ignoring cache file {path}: it holds {got}, expected uint8 images "
+                          f"{tuple(images_shape) if images_shape is not None else ''}; rebuilding", stacklevel=3)
     value = build()
     from bilevel._atomic import atomic_save
 

@@ -150,7 +150,8 @@ def _csv_split(base: Path, split: str, spec: dict[str, Any], cache: bool,
         return {"images": out}
 
     key = {"csv": file_key([path]), "spec": spec, "files": len(files)}
-    images = cached("mini-imagenet-csv", key, build, cache=cache, cache_dir=cache_dir)["images"]
+    images = cached("mini-imagenet-csv", key, build, cache=cache, cache_dir=cache_dir,
+                    images_shape=(len(files), 3, *spec["size"]))["images"]
     class_names = sorted({lab for _, lab in rows})
     cid = {c: i for i, c in enumerate(class_names)}
     labels = torch.tensor([cid[lab] for _, lab in rows], dtype=torch.int64)

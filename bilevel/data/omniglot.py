@@ -52,8 +52,8 @@ _EXPECTED = (
     "Omniglot expects under the data root (or <root>/omniglot, <root>/omniglot-py) the sets "
     "images_background + images_evaluation (official) and/or images_background_small1 / "
     "images_background_small2 (reduced), each as a folder or .zip "
-    "(from https://github.com/brendenlake/omniglot/tree/master/python); "
-    "pass download=True to fetch the official sets with torchvision"
+    "(from https://github.com/brendenlake/omniglot/tree/master/python); from Python, "
+    "bilevel.data.load_dataset('omniglot', root, download=True) fetches the official sets with torchvision"
 )
 
 
@@ -231,7 +231,8 @@ def load_omniglot(
     zips = [found[s] for s in use if found[s].is_file()]
     loose = [h for *_, h in entries if isinstance(h, Path)]
     key = {"sources": file_key(zips) + file_key(loose), "files": len(entries), "spec": spec}
-    images = cached("omniglot", key, build, cache=cache, cache_dir=cache_dir)["images"]
+    images = cached("omniglot", key, build, cache=cache, cache_dir=cache_dir,
+                    images_shape=(len(entries), 1, *spec["size"]))["images"]
 
     char_names = [f"{a}/{c}" for a, c, _ in keys]
     chars = sorted(set(char_names))

@@ -46,11 +46,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             os.fsync(f.fileno())
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # name the file the write was for
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     try:  # persist the rename itself; not possible on every platform/file system
         dfd = os.open(path.parent, os.O_RDONLY)

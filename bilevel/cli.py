@@ -184,28 +184,28 @@ def _errors_to_messages(out: str | None = None, command: list[str] | None = None
             DatasetNotFoundError, FileNotFoundError, ValueError, TypeError) as e:
         raise _usage(e) from None
     except OSError as e:
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        raise click.ClickException(f"cannot write or read a file{where}: {e.strerror or e}. Free space or fix the "
-                                   "permissions, then run the same command again" +
-                                   (" with --resume" if out else "")) from None
+        where = f"cannot write or read {e.filename}" if getattr(e, "filename", None) else "cannot write or read a file"
+        raise click.ClickException(f"{where}: {e.strerror or e}. Free space or fix the permissions. "
+                                   + (_resume_hint(out, command) if out else "Then run the same command again.")) from None
     except KeyboardInterrupt:
-        msg = "Interrupted."
-        if out is not None:
-            from bilevel.checkpoint import checkpoint_info
-
-            try:
-                info = checkpoint_info(out)
-            except (ValueError, OSError):
-                info = None
-            if info:
-                cmd = list(command or sys.argv)
-                resume_cmd = shlex.join(["bilevel", *cmd[1:], *([] if "--resume" in cmd else ["--resume"])])
-                msg += (f" The last checkpoint is {Path(out) / 'checkpoint.pt'} (iteration {info['iteration']}); "
-                        f"continue with:\n  {resume_cmd}")
-            else:
-                msg += " No checkpoint was written yet."
-        click.echo(msg, err=True)
+        click.echo("Interrupted. " + (_resume_hint(out, command) if out else ""), err=True)
         sys.exit(130)
+
+
+def _resume_hint(out: str, command: list[str] | None) -> str:
+    """Where the run can continue from: the last checkpoint and the exact --resume command (or that there is none)."""
+    from bilevel.checkpoint import checkpoint_info
+
+    try:
+        info = checkpoint_info(out)
+    except (ValueError, OSError):
+        info = None
+    if not info:
+        return "No checkpoint was written yet: run the same command again."
+    cmd = list(command or sys.argv)
+    resume_cmd = shlex.join(["bilevel", *cmd[1:], *([] if "--resume" in cmd else ["--resume"])])
+    return (f"The last checkpoint is {Path(out) / 'checkpoint.pt'} (iteration {info['iteration']}); continue with:\n"
+            f"  {resume_cmd}")
 
 
 # --------------------------------------------------------------------------- train / eval of one method

@@ -15,6 +15,12 @@ strategy            d w_T / d(λ, w_0) seen by autograd                         
 ``Implicit(s)``     implicit function theorem at w_T on F(w, λ) = 0, solved with s   O(1)
 ==================  ==============================================================  ===============
 
+``Implicit`` certifies its result (optimality residual of w_T, residual of the linear solve; it
+warns or raises above ``tol``) and ``Forward`` refuses, before its first step, a run whose
+tangents (m × the dynamics state) would not fit in memory. Every strategy without Python
+callables has a text form: ``str(strategy)`` (e.g. ``implicit-cg:30:tol=0.0001``) is read back by
+:func:`from_string`; :data:`GRAMMAR` lists the forms.
+
 Reference: Franceschi, Donini, Frasconi, Pontil (2017) *Forward and Reverse Gradient-Based
 Hyperparameter Optimization*; Franceschi et al. (2018) *A Bridge Between Hyperparameter
 Optimization and Learning-to-learn*; Shaban et al. (2019) *Truncated Back-propagation for
@@ -47,7 +53,12 @@ Condition = Callable[[Params, Params, Any], Params]
 
 
 class Strategy:
-    """Base class of hypergradient strategies (see the module docstring)."""
+    """Base class of hypergradient strategies (see the module docstring).
+
+    ``str(strategy)`` is the text form read back by :func:`from_string` for the built-in
+    strategies; one that has none (a custom class, or one holding a Python callable) falls back
+    to its repr, and :func:`to_string` refuses it.
+    """
 
     #: whether the strategy produces a derivative at all (False only for NoInner).
     differentiable: bool = True
@@ -61,9 +72,6 @@ class Strategy:
 
     def __repr__(self) -> str:  # dataclasses override this
         return f"{type(self).__name__}()"
-
-    # ``__str__`` is the text form of :func:`from_string` for the built-in strategies; a strategy
-    # that has none (a custom class, or one holding a Python callable) falls back to its repr.
 
 
 def _detach_state(run: Run) -> Any:
@@ -301,7 +309,7 @@ class ForwardMemoryError(ValueError):
     """
 
 
-@dataclass(frozen=True, repr=True)
+@dataclass(frozen=True, repr=False)
 class Forward(Strategy):
     """Forward-mode (real-time recurrent) hypergradients with ``torch.func.jvp``.
 
@@ -342,6 +350,10 @@ class Forward(Strategy):
         if not (mm is None or mm == "auto" or (isinstance(mm, int) and not isinstance(mm, bool) and mm >= 1)):
             raise ValueError(f"Forward(max_memory=...) must be 'auto', None or a number of bytes >= 1, got {mm!r}")
 
+    def __repr__(self) -> str:  # the repr of before max_memory existed, unless it is set
+        extra = "" if self.max_memory == "auto" else f", max_memory={self.max_memory!r}"
+        return f"Forward(chunk_size={self.chunk_size!r}{extra})"
+
     def __str__(self) -> str:
         opts = [] if self.chunk_size is None else [f"chunk={self.chunk_size}"]
         if self.max_memory != "auto":
@@ -354,7 +366,7 @@ class Forward(Strategy):
             warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
             return self._run(run)
 
-    def memory_estimate(self, run: Run, hp_keys: list[str], p0_keys: list[str]) -> ForwardMemory:
+    def _memory_estimate(self, run: Run, hp_keys: list[str], p0_keys: list[str]) -> ForwardMemory:
         """The peak-memory estimate of this run (see the class docstring)."""
         m = sum(run.hparams[k].numel() for k in hp_keys) + sum(run.params0[k].numel() for k in p0_keys)  # type: ignore[index]
         itemsize = next(iter(run.params_ref.values())).element_size()
@@ -369,7 +381,7 @@ class Forward(Strategy):
     def _check_memory(self, run: Run, hp_keys: list[str], p0_keys: list[str]) -> None:
         if self.max_memory is None:
             return
-        est = self.memory_estimate(run, hp_keys, p0_keys)
+        est = self._memory_estimate(run, hp_keys, p0_keys)
         device = next(iter(run.params_ref.values())).device
         if self.max_memory == "auto":
             avail, source = available_memory(device)
@@ -744,14 +756,14 @@ class Implicit(Strategy):
                     )
                 u, lin = result
                 info.linear, info.linear_solution = lin, {k: x.detach() for k, x in u.items()}
-                self._certify(info)
+                self._certify(info, carried=run.optimality_scale0 is not None)
                 g_h = torch.autograd.grad(f_list, list(h_in.values()), [-u[k] for k in keys], allow_unused=True)
             return tuple((g if g is not None else torch.zeros_like(x)) for g, x in zip(g_h, inputs))
 
         outs = _LinkByJacobian.apply(vjp_fn, tuple(w_star[k] for k in keys), *inputs)
         return _finish(run, state, dict(zip(keys, outs)), scale=scale)
 
-    def _certify(self, info: SolveInfo) -> None:
+    def _certify(self, info: SolveInfo, *, carried: bool) -> None:
         """Warn or raise, as ``on_inexact`` says, when either residual exceeds ``tol``."""
         if self.on_inexact == "ignore":
             return
@@ -769,13 +781,12 @@ class Implicit(Strategy):
             f"{type(self.solver).__name__} iterations.",
         ]
         if opt_bad:
-            parts.append(
-                f"w_T does not solve F(w, λ) = 0: run more inner steps (steps > {info.steps}) or a faster inner "
-                "optimiser; the implicit hypergradient is the derivative of the exact solution. (The scale is "
-                "‖F(w_0, λ)‖ at the start of the run; when starting from an already converged point, continue "
-                "from the InnerState of solve(..., return_state=True), which carries the scale of the cold start, "
-                "or set an absolute floor Implicit(..., atol=...).)"
-            )
+            parts.append(f"w_T does not solve F(w, λ) = 0: run more inner steps (steps > {info.steps}) or a faster "
+                         "inner optimiser.")
+            if not carried:
+                parts.append("(The scale is ‖F(w_0, λ)‖ at this run's start; if it started at a converged point, pass "
+                             "the InnerState of solve(..., return_state=True) instead, which keeps the scale of the "
+                             "cold start, or set Implicit(..., atol=...).)")
         if lin_bad:
             parts.append(self._solver_advice(info.linear))
         parts.append("Implicit(..., on_inexact='ignore') silences this; 'raise' makes it an error.")
@@ -791,15 +802,15 @@ class Implicit(Strategy):
                     "so w_T is not a strict minimum. Run the inner problem to a minimum or add regularisation "
                     "(strong convexity); more CG iterations do not help.")
         warm = "" if self.warm_start else (
-            " In an outer loop, Implicit(..., warm_start=True) with bilevel.hypergradient(..., return_state=True) "
-            "starts each solve from the previous solution."
+            " In an outer loop, Implicit(..., warm_start=True) with hypergradient(..., return_state=True) starts "
+            "each solve from the previous solution."
         )
         if isinstance(s, CG):
             return f"More CG iterations (CG(maxiter > {s.maxiter})).{warm}"
         if isinstance(s, Neumann):
             return (f"More Neumann terms (maxiter > {s.maxiter}) or another alpha: the error decays like "
-                    f"max|1 − α·λ|^K over the eigenvalues λ of A (alpha={s.alpha:g}; too small is slow, a smaller "
-                    f"alpha is needed when α·λ_max approaches 2); CG for symmetric positive-definite A.{warm}")
+                    f"max|1 − α·λ|^K over the eigenvalues λ of A (alpha={s.alpha:g}: too small is slow, α·λ_max "
+                    f"near 2 is slow too), or CG for a symmetric positive-definite A.{warm}")
         if isinstance(s, FixedPoint):
             return (f"More FixedPoint iterations (maxiter > {s.maxiter}); the iteration converges at the "
                     f"contraction rate of the fixed-point map.{warm}")

@@ -199,7 +199,7 @@ def test_scale_is_carried_by_the_inner_state(f64):
         r = pr.hypergradient(strat, 1, params0=state)  # hypergradient accepts the InnerState too
     assert r.info.optimality_scale == state.optimality_scale and r.info.optimality < 1e-12
     # from the converged point as a dict, the scale is the (tiny) residual of that point
-    with pytest.warns(bl.InexactHypergradientWarning, match="continue from the InnerState"):
+    with pytest.warns(bl.InexactHypergradientWarning, match=r"if it started at a converged point, pass the InnerState"):
         pr.hypergradient(strat, 1, params0=w_conv)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -85,7 +85,7 @@ def test_estimate_components(f64):
     p0 = {"w": torch.zeros(20, dtype=f64)}
     dyn = bl.HeavyBall(lr=0.1, momentum=0.9)
     run = Run(bl.BilevelProblem(pr.inner, pr.outer), dyn, hp, (pr.X, pr.y), 3, True, p0, p0, dyn.init(p0, hp))
-    est = bl.Forward(chunk_size=50).memory_estimate(run, ["a"], [])
+    est = bl.Forward(chunk_size=50)._memory_estimate(run, ["a"], [])
     assert est.m == 300 and est.chunk == 50
     assert est.state_bytes == 2 * 20 * 8  # HeavyBall carries params and velocity
     assert est.tangents == 300 * 2 * 20 * 8

@@ -158,5 +158,6 @@ def test_repr_is_unchanged_for_the_existing_forms():
     """repr stays the Python form (hpo records it in metrics.json); the new options appear only when set."""
     assert repr(bl.Implicit(bl.CG(maxiter=7))) == "Implicit(CG(maxiter=7, tol=1e-10))"
     assert repr(bl.Implicit(bl.CG(7), tol=1e-4, warm_start=True)) == "Implicit(CG(maxiter=7, tol=1e-10), tol=0.0001, warm_start=True)"
-    assert repr(bl.Forward()) == "Forward(chunk_size=None, max_memory='auto')"
+    assert repr(bl.Forward()) == "Forward(chunk_size=None)"
+    assert repr(bl.Forward(chunk_size=4, max_memory=None)) == "Forward(chunk_size=4, max_memory=None)"
     assert repr(bl.Truncated(3)) == "Truncated(k=3)"

@@ -12,22 +12,25 @@ from bilevel._version import __version__
 
 # --- core: problem, dynamics, hypergradient strategies, linear solvers (issue "Core") ---
 from bilevel import dynamics, hypergrad, linsolve
-from bilevel._engine import InnerState, NonFiniteError
+from bilevel._engine import InnerState, NonFiniteError, SolveInfo
 from bilevel.dynamics import Adam, Dynamics, GradientDescent, HeavyBall
 from bilevel.hypergrad import (
     Checkpointed,
     FirstOrder,
     Forward,
+    ForwardMemoryError,
     Implicit,
+    InexactHypergradientError,
+    InexactHypergradientWarning,
     NoInner,
     Reverse,
     Strategy,
     Truncated,
     fixed_point_condition,
 )
-from bilevel.linsolve import CG, Exact, FixedPoint, LinearSolver, Neumann
+from bilevel.linsolve import CG, DivergenceError, Exact, FixedPoint, LinearSolveInfo, LinearSolver, Neumann
 from bilevel.problem import BilevelProblem
-from bilevel.solve import Hypergradient, hypergradient, solve
+from bilevel.solve import Hypergradient, HypergradientState, hypergradient, hypergradient_init, solve
 
 __all__ = [
     "__version__",
@@ -36,27 +39,35 @@ __all__ = [
     "BilevelProblem",
     "CG",
     "Checkpointed",
+    "DivergenceError",
     "Dynamics",
     "Exact",
     "FirstOrder",
     "FixedPoint",
     "Forward",
+    "ForwardMemoryError",
     "GradientDescent",
     "HeavyBall",
     "Hypergradient",
+    "HypergradientState",
     "Implicit",
+    "InexactHypergradientError",
+    "InexactHypergradientWarning",
     "InnerState",
-    "NonFiniteError",
+    "LinearSolveInfo",
     "LinearSolver",
     "Neumann",
     "NoInner",
+    "NonFiniteError",
     "Reverse",
+    "SolveInfo",
     "Strategy",
     "Truncated",
     "dynamics",
     "fixed_point_condition",
     "hypergrad",
     "hypergradient",
+    "hypergradient_init",
     "linsolve",
     "solve",
 ]

@@ -37,12 +37,58 @@ class InnerState(NamedTuple):
         tangents: Forward() only — ds_t/dλ for the hparams listed in ``tangent_keys``, as a pytree
             shaped like s_t whose leaves have a leading dimension m = number of hparam entries.
         tangent_keys: the hparams keys (in order) that ``tangents`` differentiates.
+        optimality_scale: Implicit() only — ‖F(w_0, λ)‖ at the start of the first run of this chain
+            of runs (the scale of Implicit's optimality certificate; carried so that a run continued
+            from a converged state is still measured against its cold start).
     """
 
     dynamics_state: Any
     t: int
     tangents: Any = None
     tangent_keys: tuple[str, ...] = ()
+    optimality_scale: float | None = None
+
+
+@dataclass
+class SolveInfo:
+    """What :func:`bilevel.solve` measured about its w_T (``solve(..., return_info=True)``).
+
+    Only :class:`bilevel.Implicit` measures anything today; other strategies leave the fields
+    ``None``. The optimality fields are set when ``solve`` returns. The linear-solve fields are
+    filled in by the backward pass through w_T (``loss.backward()`` or ``torch.autograd.grad``):
+    read them after it; they stay ``None`` if no backward pass reached w_T, and a second backward
+    pass (``retain_graph=True``) overwrites them.
+
+    Attributes:
+        strategy: the strategy that produced w_T.
+        steps: T, the inner steps of this call.
+        optimality: the relative optimality residual ‖F(w_T, λ)‖ / ``optimality_scale``.
+        optimality_norm: ‖F(w_T, λ)‖ (Euclidean norm over all entries of params).
+        optimality_scale: the scale ‖F(w_0, λ)‖ at the start of the run (or carried by the
+            :class:`InnerState` the run continued from).
+        linear: the :class:`bilevel.linsolve.LinearSolveInfo` of the last backward pass
+            (``linear.residual`` = ‖A u − b‖/‖b‖).
+        linear_solution: u, the solution of that linear solve (detached; shaped like params), the
+            warm start of the next outer step's solve (``solve(..., linsolve_init=u)``).
+    """
+
+    strategy: Any
+    steps: int
+    optimality: float | None = None
+    optimality_norm: float | None = None
+    optimality_scale: float | None = None
+    linear: Any = None
+    linear_solution: Params | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """The measured numbers as flat floats for logging (fields not measured are left out)."""
+        out: dict[str, float] = {}
+        if self.optimality is not None:
+            out["optimality"] = self.optimality
+        if self.linear is not None:
+            out["linear_residual"] = self.linear.residual
+            out["linear_iterations"] = float(self.linear.iterations)
+        return out
 
 
 @dataclass
@@ -61,6 +107,9 @@ class Run:
     t0: int = 0
     tangents0: Any = None
     tangent_keys0: tuple[str, ...] = ()
+    optimality_scale0: float | None = None  # carried by the incoming InnerState
+    linsolve_x0: Params | None = None  # Implicit(): initial guess of the linear solve
+    info: SolveInfo | None = None  # filled by the strategy (Implicit) and its backward pass
     _batch_is_fn: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -168,4 +217,4 @@ def probe_captured(run: Run, strategy: str) -> None:
 
 Strategy = Callable[[Run], InnerState]
 
-__all__ = ["InnerState", "NonFiniteError", "Run", "check_loss", "check_state_params", "inner_grads", "probe_captured", "unroll"]
+__all__ = ["InnerState", "NonFiniteError", "Run", "SolveInfo", "check_loss", "check_state_params", "inner_grads", "probe_captured", "unroll"]

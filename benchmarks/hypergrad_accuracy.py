@@ -61,10 +61,13 @@ def main() -> None:
         return {"w": p["w"] - inner_lr * g}
 
     makers = {
-        "Implicit(CG(k))": lambda k: bl.Implicit(bl.CG(maxiter=k, tol=0.0)),
-        f"Implicit(Neumann(k, alpha={inner_lr}))": lambda k: bl.Implicit(bl.Neumann(maxiter=k, alpha=inner_lr)),
+        # truncated solves on purpose (the table measures their error): the certificate is silenced here
+        "Implicit(CG(k))": lambda k: bl.Implicit(bl.CG(maxiter=k, tol=0.0), on_inexact="ignore"),
+        f"Implicit(Neumann(k, alpha={inner_lr}))": lambda k: bl.Implicit(bl.Neumann(maxiter=k, alpha=inner_lr),
+                                                                        on_inexact="ignore"),
         "Implicit(FixedPoint(k), fixed_point_condition(GD step))":
-            lambda k: bl.Implicit(bl.FixedPoint(maxiter=k, tol=0.0), condition=bl.fixed_point_condition(gd_step)),
+            lambda k: bl.Implicit(bl.FixedPoint(maxiter=k, tol=0.0), condition=bl.fixed_point_condition(gd_step),
+                                  on_inexact="ignore"),
     }
     cases = []
     for pr in problems:
@@ -85,7 +88,8 @@ def main() -> None:
 
     for name, make in makers.items():
         print(f"| `{name}` | " + " | ".join(f"{max_err(make(k)):.1e}" for k in iters) + " |")
-    print(f"| `Implicit(Exact())` (dense LU) | {max_err(bl.Implicit(bl.Exact())):.1e} |" + " |" * (len(iters) - 1))
+    print(f"| `Implicit(Exact())` (dense LU) | {max_err(bl.Implicit(bl.Exact(), on_inexact='ignore')):.1e} |"
+          + " |" * (len(iters) - 1))
 
 
 if __name__ == "__main__":

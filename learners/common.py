@@ -163,10 +163,13 @@ class GradientLearner(MetaLearner):
 
         ``"auto"``: yes, except for convolutional networks on CPU, where the batched
         (grouped) convolutions are slower than a loop over tasks (measured in
-        ``benchmarks/maml_vs_peers.py``). Learners whose dynamics need per-task losses set
-        ``supports_task_batching = False``.
+        ``benchmarks/maml_vs_peers.py``). Never with ``Forward()``: its cost and memory grow with the
+        number of differentiated entries, B·|θ| for stacked tasks against |θ| per task. Learners whose
+        dynamics need per-task losses set ``supports_task_batching = False``.
         """
         if not self.supports_task_batching or self.batch_tasks == "never":
+            return False
+        if isinstance(self.strategy, bl.Forward):  # forward mode: m = every task's copy of θ; per task m = |θ|
             return False
         if self.batch_tasks == "always":
             return True

@@ -309,8 +309,8 @@ def cached(
             warnings.warn(f"ignoring unreadable cache file {path} ({str(e).splitlines()[0]}); rebuilding", stacklevel=3)
         else:
             images = value.get("images") if isinstance(value, dict) else None
-            ok = isinstance(images, Tensor) and images.dtype == torch.uint8 and (
-                images_shape is None or tuple(images.shape) == tuple(images_shape))
+            ok = images_shape is None or (isinstance(images, Tensor) and images.dtype == torch.uint8
+                                          and tuple(images.shape) == tuple(images_shape))
             if ok:
                 return value
             got = f"images {tuple(images.shape)} {images.dtype}" if isinstance(images, Tensor) else type(value).__name__

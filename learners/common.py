@@ -163,16 +163,16 @@ class GradientLearner(MetaLearner):
 
         ``"auto"``: yes, except for convolutional networks on CPU, where the batched
         (grouped) convolutions are slower than a loop over tasks (measured in
-        ``benchmarks/maml_vs_peers.py``). Never with ``Forward()``: its cost and memory grow with the
-        number of differentiated entries, B·|θ| for stacked tasks against |θ| per task. Learners whose
+        ``benchmarks/maml_vs_peers.py``). ``"auto"`` never does with ``Forward()``: its cost and memory grow with the
+        number of differentiated entries, B·|θ| for stacked tasks against |θ| per task (``"always"`` still stacks). Learners whose
         dynamics need per-task losses set ``supports_task_batching = False``.
         """
         if not self.supports_task_batching or self.batch_tasks == "never":
             return False
-        if isinstance(self.strategy, bl.Forward):  # forward mode: m = every task's copy of θ; per task m = |θ|
-            return False
         if self.batch_tasks == "always":
             return True
+        if isinstance(self.strategy, bl.Forward):  # forward mode: m = every task's copy of θ; per task m = |θ|
+            return False
         return device.type != "cpu" or not self._has_conv
 
     supports_task_batching = True

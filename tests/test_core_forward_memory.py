@@ -137,6 +137,9 @@ def test_expanded_params0_are_named(f64):
 def test_sinusoid_cli_fails_in_seconds_with_the_message(tmp_path):
     """Issue 13: `bilevel maml train --dataset sinusoid --meta-batch 25 --hypergrad forward` grew to 21 GB.
 
+    That command stacked the 25 tasks into one problem (m = 25 × 1761 tangents). MAML now runs
+    forward mode task by task (m = 1761, a few MB), so the command trains; `--batch-tasks always`
+    forces the stacked path it used to take, which must now stop in seconds with the estimate.
     Run under an address-space limit (so that the old behaviour fails with an allocation error
     instead of taking the machine down); the cap follows from that limit.
     """
@@ -145,7 +148,7 @@ def test_sinusoid_cli_fails_in_seconds_with_the_message(tmp_path):
 
     cmd = [sys.executable, "-c", "import sys; sys.argv[0] = 'bilevel'; from bilevel.cli import main; main()", "maml", "train",
            "--dataset", "sinusoid", "--meta-batch", "25", "--hypergrad", "forward", "--iterations", "30",
-           "--out", str(tmp_path / "run")]
+           "--batch-tasks", "always", "--out", str(tmp_path / "run")]
     start = time.monotonic()
     r = subprocess.run(cmd, preexec_fn=limit, capture_output=True, text=True, timeout=300, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -446,11 +446,14 @@ def plot(out: str) -> None:
 __all__ = ["EXIT_CODES", "main", "method_group"]
 
 
-# ---- hpo (issue 6): `bilevel hpo lr|l2|clean` lives with its tasks (bilevel/hpo/cli.py) --------------
-from bilevel.hpo.cli import hpo  # noqa: E402
+# ---- hpo (issue 6): `bilevel hpo lr|l2|clean`, built in bilevel/hpo/cli.py with this module's option machinery
+def _attach_hpo() -> None:
+    from bilevel.hpo.cli import CLITools, hpo_group
 
-main.add_command(hpo)
-__all__ += ["hpo"]
+    main.add_command(hpo_group(CLITools(declared_options, config_option, _errors_to_messages, EPILOG)))
+
+
+_attach_hpo()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,23 +1,27 @@
 """``bilevel hpo lr|l2|clean``: one command per task, generated from the task's declared options.
 
-Each command's flags are generated from its config dataclass (:data:`bilevel.hpo.TASKS`) by
-:func:`bilevel.cli.declared_options`, and ``--config FILE`` (YAML or TOML) goes through the same
-conversion and validation (:func:`bilevel.options.from_text`): ``--hypergrad truncated:4`` and
-``hypergrad: truncated:4`` in a file are parsed by the one parser,
-:func:`bilevel.hypergrad.from_string`, and ``hyper_steps: 5.7`` is refused in both. A command
-makes one library call, :func:`bilevel.hpo.run`.
+Each command's flags are generated from its config dataclass (:data:`bilevel.hpo.TASKS`) by the
+same machinery as the learners' commands (``declared_options``), and ``--config FILE`` (YAML or
+TOML) goes through the same conversion and validation (:func:`bilevel.options.from_text`):
+``--hypergrad truncated:4`` and ``hypergrad: truncated:4`` in a file are parsed by the one
+parser, :func:`bilevel.hypergrad.from_string`, and ``hyper_steps: 5.7`` is refused in both. A
+command makes one library call, :func:`bilevel.hpo.run`.
 
 Exit codes (as every ``bilevel`` command): 0 success; 1 run error (e.g. the inner run diverged, a
 file could not be written); 2 usage error (a bad option, naming it; data not found); 130
 interrupted.
 
-The commands are built when the group is used, because they reuse the option machinery of
-:mod:`bilevel.cli`, which itself attaches this group (``main.add_command(hpo)``): importing
-:mod:`bilevel.cli` lazily here keeps the two modules free of an import cycle.
+The command line (:mod:`bilevel.cli`) sits above ``bilevel.hpo`` in the import layers, so this
+module does not import it: :func:`hpo_group` receives the command line's option machinery
+(:class:`CLITools`) and ``bilevel.cli`` attaches the result (``main.add_command(hpo_group(...))``).
 """
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -25,7 +29,7 @@ import click
 from bilevel.hpo import TASKS, run
 from bilevel.options import OptionError, from_text
 
-__all__ = ["hpo", "task_command"]
+__all__ = ["TASK_HELP", "CLITools", "hpo_group", "task_command"]
 
 #: one-line help of each task's command.
 TASK_HELP = {
@@ -35,15 +39,30 @@ TASK_HELP = {
 }
 
 
-def task_command(task: str) -> click.Command:
-    """The ``bilevel hpo TASK`` command, its options generated from ``TASKS[task]``'s config class."""
-    from bilevel.cli import EPILOG, _apply, _errors_to_messages, _given, config_option, declared_options
+@dataclass(frozen=True)
+class CLITools:
+    """The command line's option machinery (:mod:`bilevel.cli` passes its own).
 
+    Attributes:
+        declared_options: ``cls -> [click option decorator]``, one per declared CLI field.
+        config_option: the ``--config FILE`` option (file keys become the options' defaults).
+        errors_to_messages: ``() -> context manager`` turning library errors into a message and exit code.
+        epilog: text shown under every command's help (the exit codes).
+    """
+
+    declared_options: Callable[[type], list[Callable[..., Any]]]
+    config_option: Callable[..., Any]
+    errors_to_messages: Callable[[], AbstractContextManager[None]]
+    epilog: str = ""
+
+
+def task_command(task: str, tools: CLITools) -> click.Command:
+    """The ``bilevel hpo TASK`` command, its options generated from ``TASKS[task]``'s config class."""
     cls = TASKS[task][0]
 
     def command(**given: Any) -> None:
-        with _errors_to_messages():
-            config = from_text(cls, {"out": f"runs/hpo-{task}", **_given(cls, given)})
+        with tools.errors_to_messages():
+            config = from_text(cls, {"out": f"runs/hpo-{task}", **{k: v for k, v in given.items() if v is not None}})
             try:
                 metrics = run(config)
             except OptionError:  # e.g. --data-root holds no MNIST: a usage error naming the option
@@ -54,22 +73,19 @@ def task_command(task: str) -> click.Command:
         click.echo(json.dumps(scalars, indent=2))
         click.echo(f"wrote {config.out}/metrics.json")
 
-    help_text = (f"{TASK_HELP.get(task, cls.__doc__.splitlines()[0] if cls.__doc__ else task)} Writes OUT/log.csv, "
-                 "OUT/metrics.json and PNG plots.")
-    return click.command(task, help=help_text, short_help=TASK_HELP.get(task), epilog=EPILOG)(
-        _apply([config_option, *declared_options(cls)], command))
+    options = [tools.config_option, *tools.declared_options(cls)]
+    help_text = f"{TASK_HELP[task]} Writes OUT/log.csv, OUT/metrics.json and PNG plots."
+    decorated = functools.reduce(lambda f, option: option(f), reversed(options), command)
+    return click.command(task, help=help_text, short_help=TASK_HELP[task], epilog=tools.epilog)(decorated)
 
 
-class _TaskGroup(click.Group):
-    """The ``hpo`` group: one command per task of :data:`bilevel.hpo.TASKS`, built on first use."""
+def hpo_group(tools: CLITools) -> click.Group:
+    """The ``bilevel hpo`` group: one command per task of :data:`bilevel.hpo.TASKS`."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(TASKS)
+    @click.group("hpo")
+    def hpo() -> None:
+        """Gradient-based hyperparameter optimization (Franceschi et al. 2017, 2018)."""
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return task_command(cmd_name) if cmd_name in TASKS else None
-
-
-@click.group("hpo", cls=_TaskGroup)
-def hpo() -> None:
-    """Gradient-based hyperparameter optimization (Franceschi et al. 2017, 2018)."""
+    for task in sorted(TASKS):
+        hpo.add_command(task_command(task, tools))
+    return hpo

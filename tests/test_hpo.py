@@ -260,7 +260,7 @@ def test_configs_hold_strategy_objects_and_keep_the_task_defaults():
                                                           "implicit hypergradient is zero"),
         ("lr", {"hypergrad": bl.NoInner()}, "hypergrad", "hypergradient would be zero"),
         ("lr", {"hypergrad": bl.FirstOrder()}, "hypergrad", "drops the curvature"),
-        ("lr", {"hypergrad": "forward"}, "hypergrad", "must be a hypergradient strategy object"),
+        ("lr", {"hypergrad": 3}, "hypergrad", "hypergrad must be a bilevel.Strategy, got int"),
         ("lr", {"hypergrad": bl.Truncated(11), "inner_steps": 10}, "hypergrad", r"needs k <= steps, got steps=10"),
         ("lr", {"hypergrad": bl.Truncated(30), "online": True}, "hypergrad", r"T = 20 inner steps"),
         ("lr", {"momentum": 1.0}, "momentum", r"momentum must be in \(0, 1\), got 1.0"),
@@ -429,7 +429,7 @@ def test_cli_yaml_config_is_the_same_as_flags(tmp_path):
     [
         ("lr", "hyper_steps: 5.7\n", "Invalid value for '--hyper-steps': hyper_steps must be an integer, got 5.7"),
         ("lr", "hypergrad: implicit-cg:30\n", "`bilevel hpo lr` cannot use hypergrad=implicit-cg:30"),
-        ("lr", "hypergrad: truncated\n", "hypergradient 'truncated' needs a number"),
+        ("lr", "hypergrad: truncated\n", "Invalid value for '--hypergrad': hypergradient 'truncated'"),
         ("l2", "hypergrad: no-inner\n", "`bilevel hpo l2` cannot use hypergrad=no-inner"),
         ("clean", "corrupt_fraction: 1.5\n", r"corrupt_fraction must be in [0, 1), got 1.5"),
         ("clean", "truncate: 3\n", "unknown option(s) ['truncate']"),
@@ -457,8 +457,8 @@ def test_cli_bad_config_file_is_a_usage_error(tmp_path, task, text, message):
         (["lr", "--hypergrad", "truncated:50", "--inner-steps", "10"], "Truncated(k=50) needs k <= steps, got steps=10"),
         (["l2", "--hypergrad", "first-order"], "`bilevel hpo l2` cannot use hypergrad=first-order"),
         (["clean", "--hypergrad", "no-inner"], "`bilevel hpo clean` cannot use hypergrad=no-inner"),
-        (["lr", "--hypergrad", "magic"], "Invalid value for '--hypergrad': unknown hypergradient 'magic'; expected one of"),
-        (["lr", "--hypergrad", "truncated"], "Invalid value for '--hypergrad': hypergradient 'truncated' needs a number"),
+        (["lr", "--hypergrad", "magic"], ("Invalid value for '--hypergrad': ", "unknown hypergradient 'magic'", "reverse")),
+        (["lr", "--hypergrad", "truncated"], ("Invalid value for '--hypergrad': hypergradient 'truncated'", "e.g. truncated:10")),
         (["lr", "--truncate", "3"], "No such option '--truncate'"),
         (["l2", "--cg-iters", "3"], "No such option '--cg-iters'"),
         (["lr", "--hyper-steps", "two"], "Invalid value for '--hyper-steps'"),
@@ -469,7 +469,8 @@ def test_cli_bad_config_file_is_a_usage_error(tmp_path, task, text, message):
 def test_cli_bad_options_are_usage_errors(tmp_path, args, message):
     result = CliRunner().invoke(main, ["hpo", *args, "--out", str(tmp_path / "x"), "--no-progress"])
     assert result.exit_code == 2, result.output
-    assert message in " ".join(result.output.split())  # click wraps long messages
+    for part in (message,) if isinstance(message, str) else message:
+        assert part in " ".join(result.output.split())  # click wraps long messages
     assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
 
 

@@ -52,7 +52,7 @@ def make_config(task: str, **options: Any) -> HPOConfig:
     """The validated config of ``task`` from keyword options (Python values); ``None`` keeps a default.
 
     ``hypergrad`` is a :class:`bilevel.Strategy` object (e.g. ``bilevel.Truncated(4)``); text such
-    as ``"truncated:4"`` is for the command line and files (:func:`bilevel.options.from_text`).
+    as ``"truncated:4"`` is parsed at the command line and in files (:func:`bilevel.options.from_text`).
 
     Raises:
         OptionError: unknown task, unknown option, or a bad value (``.option`` names the field).

@@ -6,7 +6,7 @@ Each task's configuration is a frozen dataclass whose fields are declared with
 flags of ``bilevel hpo TASK``, which are generated from it (:mod:`bilevel.hpo.cli`).
 
 The hypergradient is a :class:`bilevel.Strategy` object (text such as ``truncated:4`` is parsed
-only at the command line and in files, by :func:`bilevel.hypergrad.from_string`). Every task
+at the command line and in files by the one parser, :func:`bilevel.hypergrad.from_string`). Every task
 accepts each strategy whose hypergradient is meaningful for its λ and refuses the others with the
 reason (:meth:`HPOConfig.refusal`): e.g. an implicit hypergradient of a learning rate is zero.
 """
@@ -127,8 +127,10 @@ class HPOConfig:
 
     # ------------------------------------------------------------------ what each task overrides
     def default_hypergrad(self) -> Strategy:
-        """The strategy used when ``hypergrad`` is ``None``: the field's declared default (tasks override it
-        when the default depends on other options)."""
+        """The strategy used when ``hypergrad`` is ``None``: the field's declared default.
+
+        Tasks whose default depends on other options override it (``lr``: reverse for a schedule).
+        """
         default = type(self).__dataclass_fields__["hypergrad"].default
         if not isinstance(default, Strategy):
             raise OptionError("hypergrad", f"{type(self).__name__} has no default hypergrad; pass a bilevel.Strategy")

@@ -8,7 +8,8 @@ with λ = (log η, logit μ) — or a whole schedule (log η_1, …, log η_T) w
 and the outer objective is the validation loss E(w_T) (Franceschi et al. 2017, §2 and §5.2;
 Franceschi et al. 2018, eq. (2.1)). The hypergradient needs the dynamics itself, not just its
 end point, so it comes from unrolled differentiation: ``Forward()`` (memory flat in T, cost ∝ the
-number of hyperparameters) or ``Reverse()``.
+number of hyperparameters), ``Reverse()``, ``Checkpointed(k)`` or ``Truncated(k)``; implicit,
+first-order and no-inner hypergradients are refused (:meth:`LRConfig.refusal` says why).
 
 ``online=True`` is real-time HO (Franceschi et al. 2017, §3.2 and §5.2): one inner run of
 ``hyper_steps × inner_steps`` steps, λ updated after every segment of ``inner_steps`` steps with

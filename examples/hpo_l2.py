@@ -6,6 +6,7 @@ MNIST pixels) at the price of a few grid points (Franceschi et al. 2018, §2; Pe
     python examples/hpo_l2.py                              # scikit-learn digits
     python examples/hpo_l2.py --data-root ../shared/data   # MNIST (mnist10k.npz)
     python examples/hpo_l2.py --hypergrad reverse          # unrolled instead of implicit
+    python examples/hpo_l2.py --hypergrad implicit-neumann:50:0.5
 
 Adapt: change the penalty in ``inner_loss``; anything in ``hparams`` that requires grad is tuned.
 """
@@ -19,10 +20,19 @@ from torch.func import functional_call
 import bilevel as bl
 from bilevel import hpo
 
+
+def parse_strategy(text):  # parsed by bilevel's one strategy grammar; argparse shows its message
+    try:
+        return bl.hypergrad.from_string(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--data-root", default=None, help="folder with mnist10k.npz (default: scikit-learn digits)")
 parser.add_argument("--out", default="runs/example-hpo-l2")
-parser.add_argument("--hypergrad", choices=["implicit", "reverse"], default="implicit")
+parser.add_argument("--hypergrad", type=parse_strategy, default="implicit-cg:30",
+                    help="implicit-cg:K, implicit-neumann:K[:ALPHA], reverse, checkpointed:K, … (bilevel's strategy grammar)")
 parser.add_argument("--hyper-steps", type=int, default=50)
 args = parser.parse_args()
 
@@ -58,10 +68,11 @@ print(f"grid: best shared L2 {best:.2e}, val loss {grid[best]:.4f}")
 # --- 2. per-feature L2 by hypergradient descent, starting from the grid's best -------------------
 hparams = {"log_l2": torch.full((x.shape[1],), math.log(best), requires_grad=True)}
 optimizer = torch.optim.Adam(hparams.values(), lr=0.1)
-if args.hypergrad == "implicit":  # warm-started: the implicit hypergradient needs w_T ≈ argmin only
-    strategy, steps, warm = bl.Implicit(bl.CG(maxiter=30)), 30, True
+strategy = args.hypergrad
+if isinstance(strategy, bl.Implicit):  # warm-started: the implicit hypergradient needs w_T ≈ argmin only
+    steps, warm = 30, True
 else:  # unrolled through all 300 steps from w_0 = 0, exactly the refit
-    strategy, steps, warm = bl.Reverse(), 300, False
+    steps, warm = 300, False
 step = hpo.hyper_step(problem, hparams, optimizer, params0=w0, batch=train, val_batch=val, dynamics=dynamics,
                       steps=steps, hypergrad=strategy, warm_start=warm)
 hpo.hyper_loop(step, args.hyper_steps, out=args.out)

@@ -7,6 +7,7 @@ mode. With ``--online`` λ is updated every few steps within ONE training run (r
     python examples/hpo_lr.py                              # scikit-learn digits, offline
     python examples/hpo_lr.py --data-root ../shared/data   # MNIST (mnist10k.npz)
     python examples/hpo_lr.py --hypergrad reverse --online
+    python examples/hpo_lr.py --hypergrad truncated:25     # any unrolled strategy: checkpointed:10, …
 
 Adapt: replace the model and ``loss``; put whatever you want tuned in ``hparams`` and read it
 from the dynamics' coefficient functions.
@@ -22,13 +23,24 @@ import bilevel as bl
 from bilevel import hpo
 from bilevel.hpo.plots import plot_history
 
+
+def parse_strategy(text):  # parsed by bilevel's one strategy grammar; argparse shows its message
+    try:
+        return bl.hypergrad.from_string(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--data-root", default=None, help="folder with mnist10k.npz (default: scikit-learn digits)")
 parser.add_argument("--out", default="runs/example-hpo-lr")
-parser.add_argument("--hypergrad", choices=["forward", "reverse"], default="forward")
+parser.add_argument("--hypergrad", type=parse_strategy, default="forward",
+                    help="forward, reverse, checkpointed:K or truncated:K (bilevel's strategy grammar)")
 parser.add_argument("--online", action="store_true", help="update λ every T steps within one run of 40·T steps")
 parser.add_argument("--hyper-steps", type=int, default=40)
 args = parser.parse_args()
+if isinstance(args.hypergrad, (bl.Implicit, bl.NoInner, bl.FirstOrder)):  # η, μ act through the dynamics only
+    parser.error(f"--hypergrad {bl.hypergrad.to_string(args.hypergrad)}: use an unrolled strategy for a learning rate")
 
 # --- data: train (inner), val (outer), test (held out) -----------------------------------------
 gen = torch.Generator().manual_seed(0)
@@ -49,7 +61,7 @@ problem = bl.BilevelProblem(inner_loss=loss, outer_loss=loss)
 hparams = {"log_lr": torch.tensor(math.log(0.01), requires_grad=True),
            "logit_mu": torch.tensor(0.0, requires_grad=True)}  # η = 0.01, μ = 0.5: too timid
 dynamics = bl.HeavyBall(lr=lambda h: h["log_lr"].exp(), momentum=lambda h: torch.sigmoid(h["logit_mu"]))
-strategy = bl.Forward() if args.hypergrad == "forward" else bl.Reverse()
+strategy = args.hypergrad  # a bilevel.Strategy object, parsed from the text once
 optimizer = torch.optim.Adam(hparams.values(), lr=0.1)
 
 

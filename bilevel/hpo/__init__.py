@@ -6,21 +6,25 @@ end of the inner training dynamics (Franceschi et al. 2018, §2). This package h
 
 * data: :func:`load_dataset` (scikit-learn digits offline, MNIST from a data root),
   :func:`split_dataset`, :func:`corrupt_labels`, :func:`minibatches`;
+* options: each task's config is a frozen dataclass of declared options (:mod:`bilevel.options`)
+  holding its hypergradient as a :class:`bilevel.Strategy`; :func:`make_config` builds one by name;
 * the loop: :func:`hyper_loop` (progress bar + CSV), :func:`hyper_step`,
-  :func:`apply_hypergradient`, :func:`make_strategy`, :func:`write_json`;
+  :func:`apply_hypergradient`, :func:`refit_and_evaluate`, :func:`write_json`;
 * models and metrics: :func:`logistic_regression`, :func:`mlp`, :func:`init_params`,
   :func:`evaluate`, :func:`f1_score`; plots in :mod:`bilevel.hpo.plots`;
 * tasks: ``lr`` (learning rate and momentum, :func:`run_lr`), ``l2`` (per-feature L2,
-  :func:`run_l2`), ``clean`` (data hyper-cleaning, :func:`run_clean`), dispatched by :func:`run`.
+  :func:`run_l2`), ``clean`` (data hyper-cleaning, :func:`run_clean`), dispatched by :func:`run`;
+* the command line ``bilevel hpo lr|l2|clean`` (:mod:`bilevel.hpo.cli`), generated from the configs.
+
+Modules here import from the core's modules (``bilevel.solve``, ``bilevel.hypergrad``, …), never
+from the package root ``bilevel``, which does not import ``bilevel.hpo``.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from bilevel.hpo.clean import CleanConfig, run_clean
-from bilevel.hpo.config import ConvexConfig, HPOConfig
-from bilevel.hpo.l2 import L2Config, run_l2
-from bilevel.hpo.lr import LRConfig, run_lr
+from bilevel.hpo.config import ConvexConfig, HPOConfig, strategy_text
 from bilevel.hpo.data import (
     DATASETS,
     OptionError,
@@ -32,15 +36,9 @@ from bilevel.hpo.data import (
     minibatches,
     split_dataset,
 )
-from bilevel.hpo.loop import (
-    STRATEGIES,
-    apply_hypergradient,
-    hyper_loop,
-    hyper_step,
-    make_strategy,
-    refit_and_evaluate,
-    write_json,
-)
+from bilevel.hpo.l2 import L2Config, run_l2
+from bilevel.hpo.loop import apply_hypergradient, hyper_loop, hyper_step, refit_and_evaluate, write_json
+from bilevel.hpo.lr import LRConfig, run_lr
 from bilevel.hpo.models import cross_entropy_loss, evaluate, f1_score, init_params, logistic_regression, mlp
 
 TASKS: dict[str, tuple[type[HPOConfig], Any]] = {
@@ -51,7 +49,10 @@ TASKS: dict[str, tuple[type[HPOConfig], Any]] = {
 
 
 def make_config(task: str, **options: Any) -> HPOConfig:
-    """The validated config of ``task`` from keyword options; ``None`` values keep the defaults.
+    """The validated config of ``task`` from keyword options (Python values); ``None`` keeps a default.
+
+    ``hypergrad`` is a :class:`bilevel.Strategy` object (e.g. ``bilevel.Truncated(4)``); text such
+    as ``"truncated:4"`` is parsed at the command line and in files (:func:`bilevel.options.from_text`).
 
     Raises:
         OptionError: unknown task, unknown option, or a bad value (``.option`` names the field).
@@ -67,7 +68,10 @@ def make_config(task: str, **options: Any) -> HPOConfig:
 
 
 def run(config: HPOConfig) -> dict[str, Any]:
-    """Run the task that ``config`` configures; returns its metrics (also in ``out/metrics.json``)."""
+    """Run the task that ``config`` configures; returns its metrics (also in ``out/metrics.json``).
+
+    ``metrics["hypergrad"]`` is the strategy as text (:func:`bilevel.hypergrad.to_string`).
+    """
     for cls, runner in TASKS.values():
         if type(config) is cls:
             return runner(config)
@@ -76,7 +80,6 @@ def run(config: HPOConfig) -> dict[str, Any]:
 
 __all__ = [
     "DATASETS",
-    "STRATEGIES",
     "TASKS",
     "CleanConfig",
     "ConvexConfig",
@@ -97,7 +100,6 @@ __all__ = [
     "init_params",
     "load_dataset",
     "logistic_regression",
-    "make_strategy",
     "make_config",
     "minibatches",
     "mlp",
@@ -107,5 +109,6 @@ __all__ = [
     "run_l2",
     "run_lr",
     "split_dataset",
+    "strategy_text",
     "write_json",
 ]

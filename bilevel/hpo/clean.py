@@ -21,18 +21,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-import bilevel as bl
-from bilevel.hpo.config import ConvexConfig, check_float
-from bilevel.hpo.data import OptionError, corrupt_labels
-from bilevel.hpo.loop import hyper_loop, hyper_step, make_strategy, refit_and_evaluate, write_json
+from bilevel.dynamics import HeavyBall
+from bilevel.hpo.config import ConvexConfig, strategy_text, task_runner
+from bilevel.hpo.data import corrupt_labels
+from bilevel.hpo.loop import hyper_loop, hyper_step, refit_and_evaluate, write_json
 from bilevel.hpo.models import cross_entropy_loss, f1_score, init_params, logistic_regression
+from bilevel.options import option
+from bilevel.problem import BilevelProblem
 
 WEIGHTINGS = ("sigmoid", "projection")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CleanConfig(ConvexConfig):
     """Options of the ``clean`` task (see :class:`HPOConfig` and :class:`ConvexConfig` for the rest).
+
+    Default hypergradient ``implicit-cg:20``, warm-started (:class:`ConvexConfig`).
 
     Attributes:
         corrupt_fraction: share of training labels flipped to another class, in [0, 1).
@@ -42,23 +46,19 @@ class CleanConfig(ConvexConfig):
     """
 
     TASK: ClassVar[str] = "clean"
-    ALLOWED: ClassVar[tuple[str, ...]] = ("implicit", "reverse", "checkpointed", "truncated")
     DEFAULT_HYPER_LR: ClassVar[float] = 0.2
+    LAMBDA_ROLE: ClassVar[str] = "the weights of the training examples"
 
-    hyper_steps: int = 60
-    eval_steps: int = 500
-    corrupt_fraction: float = 0.5
-    weights: str = "sigmoid"
-    reg: float = 1e-3
-    threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_float("corrupt_fraction", self.corrupt_fraction, 0.0, 1.0, high_open=True)
-        if self.weights not in WEIGHTINGS:
-            raise OptionError("weights", f"weights must be one of {list(WEIGHTINGS)}, got {self.weights!r}")
-        check_float("reg", self.reg, 0.0)
-        check_float("threshold", self.threshold, 0.0, 1.0, low_open=True, high_open=True)
+    hyper_steps: int = option(60, help="Hyper-iterations (updates of the hyperparameters).", min=1)
+    hyper_lr: float | None = option(None, help="Adam step size on the hyperparameters [default: 0.2 with sigmoid "
+                                    "weights, 0.05 with projection].", min=0, min_open=True)
+    eval_steps: int = option(500, help="Inner steps of the refits the reported numbers come from.", min=1)
+    corrupt_fraction: float = option(0.5, help="Share of training labels flipped.", min=0, max=1, max_open=True)
+    weights: str = option("sigmoid", help="How the weights stay in [0, 1]: sigmoid of λ, or λ projected.",
+                          choices=WEIGHTINGS)
+    reg: float = option(1e-3, help="Inner L2 weight on W.", min=0)
+    threshold: float = option(0.5, help="Flag examples whose weight is below this.", min=0, max=1, min_open=True,
+                              max_open=True)
 
     @property
     def lr_hyper(self) -> float:
@@ -93,6 +93,7 @@ def weighted_loss(model: torch.nn.Module, reg: float) -> Any:
     return inner_loss
 
 
+@task_runner
 def run_clean(config: CleanConfig) -> dict[str, Any]:
     """Run data hyper-cleaning and write ``log.csv``, ``metrics.json``, ``weights_hist.png``, ``history.png``.
 
@@ -117,8 +118,8 @@ def run_clean(config: CleanConfig) -> dict[str, Any]:
     val = (data.val.x, data.val.y)
     n, d = data.train.x.shape
     model = logistic_regression(d, data.num_classes).to(config.device)
-    problem = bl.BilevelProblem(weighted_loss(model, config.reg), cross_entropy_loss(model))
-    dynamics = bl.HeavyBall(lr=config.inner_lr, momentum=config.inner_momentum)
+    problem = BilevelProblem(weighted_loss(model, config.reg), cross_entropy_loss(model))
+    dynamics = HeavyBall(lr=config.inner_lr, momentum=config.inner_momentum)
     w0 = init_params(model, zeros=True)
 
     def refit(weights: Tensor) -> dict[str, float]:
@@ -139,7 +140,7 @@ def run_clean(config: CleanConfig) -> dict[str, Any]:
         c = example_weights(h).detach()
         return {**mean_weights(c, corrupted), "f1": f1_score(c < config.threshold, corrupted)[2]}
 
-    strategy = make_strategy(config.hypergrad, inner_steps=config.steps, truncate=config.truncate, cg_iters=config.cg_iters)
+    strategy = config.hypergrad
     step = hyper_step(problem, hparams, optimizer, params0=w0, batch=train, val_batch=val, dynamics=dynamics,
                       steps=config.steps, hypergrad=strategy, warm_start=config.warm_start, project=project, record=record)
     t_hpo = time.perf_counter()
@@ -166,7 +167,7 @@ def run_clean(config: CleanConfig) -> dict[str, Any]:
         "tuned": tuned,
         "baseline": baseline,
         "oracle": oracle,
-        "hypergrad": repr(strategy),
+        "hypergrad": strategy_text(strategy),
         "hpo_seconds": t_hpo,
         "total_seconds": time.perf_counter() - t_start,
         "config": config.summary(),

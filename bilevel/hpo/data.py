@@ -24,19 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bilevel.options import OptionError  # the one OptionError; re-exported for bilevel.hpo users
+
 DATASETS = ("digits", "mnist")
 MNIST_FILE = "mnist10k.npz"
-
-
-class OptionError(ValueError):
-    """A bad option of an HPO task (or of its data); ``option`` names the config field at fault.
-
-    The CLI turns it into a usage error on ``--option-name``.
-    """
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(message)
-        self.option = option
 
 
 class Split(NamedTuple):

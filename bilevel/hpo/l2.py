@@ -20,16 +20,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-import bilevel as bl
-from bilevel.hpo.config import ConvexConfig, check_float, check_int
-from bilevel.hpo.data import OptionError
-from bilevel.hpo.loop import hyper_loop, hyper_step, make_strategy, refit_and_evaluate, write_json
+from bilevel.dynamics import HeavyBall
+from bilevel.hpo.config import CONVEX_HYPERGRAD_HELP, ConvexConfig, split_help, strategy_text, task_runner
+from bilevel.hpo.loop import hyper_loop, hyper_step, refit_and_evaluate, write_json
 from bilevel.hpo.models import cross_entropy_loss, init_params, logistic_regression
+from bilevel.hypergrad import Implicit, Strategy
+from bilevel.linsolve import CG
+from bilevel.options import OptionError, option
+from bilevel.problem import BilevelProblem
 
 
-@dataclass
+@dataclass(frozen=True)
 class L2Config(ConvexConfig):
     """Options of the ``l2`` task (see :class:`HPOConfig` and :class:`ConvexConfig` for the rest).
+
+    Default hypergradient ``implicit-cg:30``, warm-started (:class:`ConvexConfig`).
 
     Attributes:
         grid_points: number of shared L2 weights tried, log-spaced over [10^grid_min, 10^grid_max].
@@ -39,25 +44,21 @@ class L2Config(ConvexConfig):
     """
 
     TASK: ClassVar[str] = "l2"
-    ALLOWED: ClassVar[tuple[str, ...]] = ("implicit", "reverse", "checkpointed")
     SPLITS: ClassVar[dict[str, tuple[int, int, int]]] = {"digits": (100, 500, 1197), "mnist": (1000, 2000, 4000)}
+    LAMBDA_ROLE: ClassVar[str] = "the weights of the L2 penalty"
 
-    hyper_steps: int = 50
-    cg_iters: int = 30
-    grid_points: int = 13
-    grid_min: float = -6.0
-    grid_max: float = 0.0
-    per: str = "feature"
+    hypergrad: Strategy | None = option(Implicit(CG(maxiter=30)), help=CONVEX_HYPERGRAD_HELP)
+    n_train: int | None = option(None, help=split_help("Training", SPLITS, 0), min=1)
+    n_val: int | None = option(None, help=split_help("Validation", SPLITS, 1), min=1)
+    n_test: int | None = option(None, help=split_help("Test", SPLITS, 2), min=0)
+    grid_points: int = option(13, help="Shared-L2 grid size.", min=1)
+    grid_min: float = option(-6.0, help="log10 of the smallest grid value.", min=-30, max=10)
+    grid_max: float = option(0.0, help="log10 of the largest grid value.", min=-30, max=10)
+    per: str = option("feature", help="One L2 weight per feature or per weight entry.", choices=("feature", "weight"))
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int("grid_points", self.grid_points, 1)
-        check_float("grid_min", self.grid_min, -30.0, 10.0)
-        check_float("grid_max", self.grid_max, -30.0, 10.0)
+    def check(self) -> None:
         if self.grid_max < self.grid_min:
             raise OptionError("grid_max", f"grid_max={self.grid_max:g} is below grid_min={self.grid_min:g}")
-        if self.per not in ("feature", "weight"):
-            raise OptionError("per", f"per must be 'feature' or 'weight', got {self.per!r}")
 
     def grid(self) -> list[float]:
         """The shared L2 weights of the grid search, 10^grid_min … 10^grid_max."""
@@ -78,6 +79,7 @@ def feature_l2_loss(model: torch.nn.Module) -> Any:
     return inner_loss
 
 
+@task_runner
 def run_l2(config: L2Config) -> dict[str, Any]:
     """Grid-search one shared L2 weight, then tune one weight per feature by hypergradient descent.
 
@@ -103,8 +105,8 @@ def run_l2(config: L2Config) -> dict[str, Any]:
     d = data.train.x.shape[1]
     shape = (d,) if config.per == "feature" else (data.num_classes, d)
     model = logistic_regression(d, data.num_classes).to(config.device)
-    problem = bl.BilevelProblem(feature_l2_loss(model), cross_entropy_loss(model))
-    dynamics = bl.HeavyBall(lr=config.inner_lr, momentum=config.inner_momentum)
+    problem = BilevelProblem(feature_l2_loss(model), cross_entropy_loss(model))
+    dynamics = HeavyBall(lr=config.inner_lr, momentum=config.inner_momentum)
     w0 = init_params(model, zeros=True)
 
     def refit(log_l2: Tensor) -> dict[str, float]:
@@ -118,7 +120,7 @@ def run_l2(config: L2Config) -> dict[str, Any]:
 
     hparams = {"log_l2": torch.full(shape, math.log(best["l2"]), device=config.device, requires_grad=True)}
     optimizer = torch.optim.Adam(list(hparams.values()), lr=config.lr_hyper)
-    strategy = make_strategy(config.hypergrad, inner_steps=config.steps, cg_iters=config.cg_iters)
+    strategy = config.hypergrad
 
     def record(h: dict[str, Tensor]) -> dict[str, float]:
         v = h["log_l2"].detach() / math.log(10.0)
@@ -147,7 +149,7 @@ def run_l2(config: L2Config) -> dict[str, Any]:
                            "max": float(log_l2.max() / math.log(10))},
         "grid": grid,
         "tuned": tuned,
-        "hypergrad": repr(strategy),
+        "hypergrad": strategy_text(strategy),
         "grid_seconds": t_grid,
         "hpo_seconds": t_hpo,
         "total_seconds": time.perf_counter() - t_start,

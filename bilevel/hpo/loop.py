@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,55 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import bilevel as bl
-from bilevel.hpo.data import OptionError, TaskData
+from bilevel._atomic import atomic_write_text
+from bilevel.hpo.data import TaskData
 from bilevel.hpo.models import evaluate
-
-#: names accepted by :func:`make_strategy` (and the CLI's ``--hypergrad``).
-STRATEGIES = ("forward", "reverse", "checkpointed", "truncated", "implicit")
-
-
-def make_strategy(
-    name: str,
-    *,
-    inner_steps: int,
-    truncate: int | None = None,
-    cg_iters: int = 20,
-    implicit_batch: Any = None,
-) -> bl.Strategy:
-    """The hypergradient strategy called ``name``, configured for a run of ``inner_steps``.
-
-    Args:
-        name: one of :data:`STRATEGIES`.
-        inner_steps: T, the number of inner steps of each ``solve`` call.
-        truncate: k for ``"truncated"`` (default T // 4, at least 1) — Shaban et al. (2019).
-        cg_iters: conjugate-gradient iterations for ``"implicit"`` (``Implicit(CG(cg_iters))``).
-        implicit_batch: the data of the optimality condition when the inner run uses a batch
-            function (mini-batches); see :class:`bilevel.Implicit`.
-
-    Returns:
-        ``Forward()``, ``Reverse()``, ``Checkpointed(≈√T)``, ``Truncated(k)`` or ``Implicit(CG)``.
-
-    Raises:
-        OptionError: (option ``hypergrad`` / ``truncate``) unknown name or k outside 1..T.
-    """
-    if name not in STRATEGIES:
-        raise OptionError("hypergrad", f"unknown hypergradient strategy {name!r}; expected one of {list(STRATEGIES)}")
-    if name == "forward":
-        return bl.Forward()
-    if name == "reverse":
-        return bl.Reverse()
-    if name == "checkpointed":
-        return bl.Checkpointed(max(1, round(math.sqrt(inner_steps))))
-    if name == "truncated":
-        k = max(1, inner_steps // 4) if truncate is None else truncate
-        if not 1 <= k <= inner_steps:
-            raise OptionError("truncate", f"truncate must be in 1..inner_steps={inner_steps}, got {k}")
-        return bl.Truncated(k)
-    if cg_iters < 1:
-        raise OptionError("cg_iters", f"cg_iters must be >= 1, got {cg_iters}")
-    return bl.Implicit(bl.CG(maxiter=cg_iters), batch=implicit_batch)
-
+from bilevel.hypergrad import Strategy
+from bilevel.options import OptionError
+from bilevel.problem import BilevelProblem
+from bilevel.solve import solve
 
 def apply_hypergradient(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
     """One optimizer step on λ with the given hypergradient (the explicit ``.grad`` opt-in).
@@ -99,7 +55,7 @@ def apply_hypergradient(optimizer: torch.optim.Optimizer, hparams: Mapping[str, 
 
 
 def hyper_step(
-    problem: bl.BilevelProblem,
+    problem: BilevelProblem,
     hparams: dict[str, Tensor],
     optimizer: torch.optim.Optimizer,
     *,
@@ -108,7 +64,7 @@ def hyper_step(
     val_batch: Any,
     dynamics: Any,
     steps: int,
-    hypergrad: bl.Strategy,
+    hypergrad: Strategy,
     warm_start: bool = False,
     project: Callable[[dict[str, Tensor]], None] | None = None,
     record: Callable[[dict[str, Tensor]], Mapping[str, float]] | None = None,
@@ -143,7 +99,7 @@ def hyper_step(
 
     def step(it: int) -> dict[str, float]:
         row = {k: float(v) for k, v in (record(hparams) if record is not None else {}).items()}
-        w_t = bl.solve(problem, start["params"], hparams, batch, dynamics=dynamics, steps=steps, hypergrad=hypergrad)
+        w_t = solve(problem, start["params"], hparams, batch, dynamics=dynamics, steps=steps, hypergrad=hypergrad)
         value = problem.outer_loss(w_t, hparams, val_batch)
         grads = torch.autograd.grad(value, [hparams[k] for k in keys])
         apply_hypergradient(optimizer, hparams, dict(zip(keys, grads)))
@@ -158,7 +114,7 @@ def hyper_step(
 
 
 def refit_and_evaluate(
-    problem: bl.BilevelProblem,
+    problem: BilevelProblem,
     model: torch.nn.Module,
     hparams: dict[str, Tensor],
     batch: Any,
@@ -177,7 +133,7 @@ def refit_and_evaluate(
         ``{"val_loss", "val_accuracy", "test_loss", "test_accuracy"}`` as floats.
     """
     with torch.no_grad():
-        w = bl.solve(problem, params0, hparams, batch, dynamics=dynamics, steps=steps)
+        w = solve(problem, params0, hparams, batch, dynamics=dynamics, steps=steps)
     (val_loss, val_acc), (test_loss, test_acc) = evaluate(model, w, data.val), evaluate(model, w, data.test)
     return {"val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc}
 
@@ -219,7 +175,7 @@ def hyper_loop(
     Raises:
         ValueError: ``val_loss`` (or any logged number) is not finite, naming the hyper-step.
     """
-    from tqdm.auto import tqdm  # lazy: keeps ``import bilevel`` light
+    from tqdm.auto import tqdm  # lazy: keeps ``import bilevel.hpo`` light
 
     if isinstance(hyper_steps, bool) or not isinstance(hyper_steps, int) or hyper_steps < 1:
         raise OptionError("hyper_steps", f"hyper_steps must be an integer >= 1, got {hyper_steps!r}")
@@ -250,19 +206,11 @@ def hyper_loop(
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON atomically (temporary file + rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``data`` as indented JSON atomically (:func:`bilevel._atomic.atomic_write_text`); returns the path.
+
+    Tensors are written as (nested) lists and paths as text.
+    """
+    return atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(v: Any) -> Any:
@@ -273,4 +221,4 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"cannot write {type(v).__name__} to JSON")
 
 
-__all__ = ["STRATEGIES", "apply_hypergradient", "hyper_loop", "hyper_step", "make_strategy", "refit_and_evaluate", "write_json"]
+__all__ = ["apply_hypergradient", "hyper_loop", "hyper_step", "refit_and_evaluate", "write_json"]

@@ -8,7 +8,8 @@ with λ = (log η, logit μ) — or a whole schedule (log η_1, …, log η_T) w
 and the outer objective is the validation loss E(w_T) (Franceschi et al. 2017, §2 and §5.2;
 Franceschi et al. 2018, eq. (2.1)). The hypergradient needs the dynamics itself, not just its
 end point, so it comes from unrolled differentiation: ``Forward()`` (memory flat in T, cost ∝ the
-number of hyperparameters) or ``Reverse()``.
+number of hyperparameters), ``Reverse()``, ``Checkpointed(k)`` or ``Truncated(k)``; implicit,
+first-order and no-inner hypergradients are refused (:meth:`LRConfig.refusal` says why).
 
 ``online=True`` is real-time HO (Franceschi et al. 2017, §3.2 and §5.2): one inner run of
 ``hyper_steps × inner_steps`` steps, λ updated after every segment of ``inner_steps`` steps with
@@ -25,21 +26,32 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-import bilevel as bl
-from bilevel.hpo.config import HPOConfig, check_float, check_int
-from bilevel.hpo.data import OptionError, TaskData, minibatches
-from bilevel.hpo.loop import apply_hypergradient, hyper_loop, make_strategy, write_json
+from bilevel.dynamics import HeavyBall
+from bilevel.hpo.config import HPOConfig, strategy_text, task_runner
+from bilevel.hpo.data import TaskData, minibatches
+from bilevel.hpo.loop import apply_hypergradient, hyper_loop, write_json
 from bilevel.hpo.models import cross_entropy_loss, evaluate, init_params, mlp
+from bilevel.hypergrad import FirstOrder, Forward, Implicit, NoInner, Reverse, Strategy
+from bilevel.options import OptionError, option
+from bilevel.problem import BilevelProblem
+from bilevel.solve import hypergradient, solve
+
+_UNROLLED = "Use forward, reverse, checkpointed:K or truncated:K"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LRConfig(HPOConfig):
     """Options of the ``lr`` task (see :class:`HPOConfig` for the shared ones).
 
+    λ = (η, μ) are coefficients of the inner dynamics, so only unrolled hypergradients see them:
+    ``forward`` (default), ``reverse`` (default with ``schedule``: T + 1 hyperparameters),
+    ``checkpointed:K`` and ``truncated:K`` (K ≤ T). Refused, with the reason: ``implicit-*`` (the
+    inner minimiser does not depend on η, μ: zero), ``no-inner`` (zero) and ``first-order`` (it
+    drops the curvature through which η and μ act on later steps; at large η it points the wrong
+    way, e.g. the opposite sign of the exact hypergradient at η = 1, μ = 0.95).
+
     Attributes:
-        hypergrad: ``"forward"``, ``"reverse"``, ``"checkpointed"`` or ``"truncated"``; ``None``
-            picks forward for (η, μ) and reverse for a schedule (T + 1 hyperparameters).
-        lr, momentum: the initial η and μ (μ in [0, 1)).
+        lr, momentum: the initial η and μ (μ in (0, 1)).
         schedule: tune one learning rate per inner step t = 1..T (plus μ).
         online: real-time HO within one inner run (see the module docstring).
         batch_size: |B_t|.
@@ -48,25 +60,38 @@ class LRConfig(HPOConfig):
     """
 
     TASK: ClassVar[str] = "lr"
-    ALLOWED: ClassVar[tuple[str, ...]] = ("forward", "reverse", "checkpointed", "truncated")
 
-    hypergrad: str | None = None  # type: ignore[assignment]
-    hyper_steps: int = 40
-    lr: float = 0.01
-    momentum: float = 0.5
-    schedule: bool = False
-    online: bool = False
-    batch_size: int = 100
-    hidden: int = 64
+    hyper_steps: int = option(40, help="Hyper-iterations (updates of the hyperparameters).", min=1)
+    inner_steps: int | None = option(None, help="Inner steps T per hypergradient [default: 100; with --online, the "
+                                     "length of each segment: 20].", min=1)
+    hypergrad: Strategy | None = option(None, help="Hypergradient strategy: forward [default], reverse [default with "
+                                        "--schedule], checkpointed:K or truncated:K (K <= T); implicit-*, no-inner and "
+                                        "first-order are refused, each with its reason.")
+    lr: float = option(0.01, help="Initial learning rate η.", min=0, min_open=True)
+    momentum: float = option(0.5, help="Initial momentum μ.", min=0, max=1, min_open=True, max_open=True)
+    schedule: bool = option(False, help="Tune one learning rate per inner step.")
+    online: bool = option(False, help="Real-time HO: update λ every --inner-steps within one run.")
+    batch_size: int = option(100, help="Mini-batch size.", min=1)
+    hidden: int = option(64, help="Hidden width of the MLP.", min=1)
 
-    def __post_init__(self) -> None:
-        if self.hypergrad is None:
-            self.hypergrad = "reverse" if self.schedule else "forward"
-        super().__post_init__()
-        check_float("lr", self.lr, 0.0, low_open=True)
-        check_float("momentum", self.momentum, 0.0, 1.0, low_open=True, high_open=True)
-        check_int("batch_size", self.batch_size, 1)
-        check_int("hidden", self.hidden, 1)
+    def default_hypergrad(self) -> Strategy:
+        """Forward mode for (η, μ); reverse mode for a schedule (T + 1 hyperparameters)."""
+        return Reverse() if self.schedule else Forward()
+
+    def refusal(self, strategy: Strategy) -> str | None:
+        if isinstance(strategy, Implicit):
+            return ("the learning rate and momentum are coefficients of the inner dynamics, not arguments of the inner "
+                    f"objective: its minimiser does not depend on them, so the implicit hypergradient is zero. {_UNROLLED}")
+        if isinstance(strategy, NoInner):
+            return ("no-inner treats w_T as a constant, and the validation loss depends on η and μ only through w_T: the "
+                    f"hypergradient would be zero. {_UNROLLED}")
+        if isinstance(strategy, FirstOrder):
+            return ("first-order treats the inner gradients as constants, so it drops the curvature through which η and μ "
+                    "act on the later steps: a greedy estimate that keeps raising η when training becomes unstable "
+                    f"(it has the opposite sign of the exact hypergradient there). {_UNROLLED}")
+        return None
+
+    def check(self) -> None:
         if self.schedule and self.online:
             raise OptionError("schedule", "schedule and online cannot be combined: a per-step schedule is tuned offline, over whole runs")
 
@@ -83,10 +108,10 @@ class LRConfig(HPOConfig):
         return self.steps * self.hyper_steps if self.online else self.steps
 
 
-def heavy_ball(schedule: bool = False) -> bl.HeavyBall:
+def heavy_ball(schedule: bool = False) -> HeavyBall:
     """SGD with momentum whose η = exp(λ["log_lr"]) (indexed by t when a schedule) and μ = sigmoid(λ["logit_momentum"])."""
     lr = (lambda h, t: h["log_lr"][t - 1].exp()) if schedule else (lambda h: h["log_lr"].exp())
-    return bl.HeavyBall(lr=lr, momentum=lambda h: torch.sigmoid(h["logit_momentum"]))
+    return HeavyBall(lr=lr, momentum=lambda h: torch.sigmoid(h["logit_momentum"]))
 
 
 def lr_momentum(hparams: dict[str, Tensor]) -> dict[str, float]:
@@ -103,6 +128,7 @@ def _losses(model: torch.nn.Module, params: dict[str, Tensor], data: TaskData) -
     return {"train_loss": tr, "val_loss": va, "test_loss": te, "train_accuracy": tr_acc, "val_accuracy": va_acc, "test_accuracy": te_acc}
 
 
+@task_runner
 def run_lr(config: LRConfig) -> dict[str, Any]:
     """Tune η and μ (or η_1..η_T and μ) of heavy-ball SGD; write ``log.csv``, ``metrics.json``, ``lr.png``.
 
@@ -126,7 +152,7 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
     d, k, T = data.train.x.shape[1], data.num_classes, config.steps
     model = mlp(d, config.hidden, k).to(config.device)
     loss = cross_entropy_loss(model)
-    problem = bl.BilevelProblem(loss, loss)
+    problem = BilevelProblem(loss, loss)
     dynamics = heavy_ball(config.schedule)
     val = (data.val.x, data.val.y)
     log_lr = torch.full((T,) if config.schedule else (), math.log(config.lr), device=config.device)
@@ -134,7 +160,7 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
                "logit_momentum": torch.tensor(math.log(config.momentum / (1 - config.momentum)), device=config.device, requires_grad=True)}
     initial = {k_: v.detach().clone() for k_, v in hparams.items()}
     optimizer = torch.optim.Adam(list(hparams.values()), lr=config.lr_hyper)
-    strategy = make_strategy(str(config.hypergrad), inner_steps=T, truncate=config.truncate)
+    strategy = config.hypergrad
 
     def draw(stream: int, steps: int) -> tuple[dict[str, Tensor], Any]:
         g = config.generator(stream)
@@ -146,7 +172,7 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
 
         def step(it: int) -> dict[str, float]:
             row = lr_momentum(hparams)
-            w_t, online["state"] = bl.solve(problem, online["state"], hparams, batches, dynamics=dynamics, steps=T,
+            w_t, online["state"] = solve(problem, online["state"], hparams, batches, dynamics=dynamics, steps=T,
                                             hypergrad=strategy, return_state=True)
             value = problem.outer_loss(w_t, hparams, val)
             apply_hypergradient(optimizer, hparams, dict(zip(hparams, torch.autograd.grad(value, list(hparams.values())))))
@@ -157,7 +183,7 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
         def step(it: int) -> dict[str, float]:
             row = lr_momentum(hparams)
             params0, batches = draw(10 + it, T)
-            hg = bl.hypergradient(problem, params0, hparams, batches, val, dynamics=dynamics, steps=T, hypergrad=strategy)
+            hg = hypergradient(problem, params0, hparams, batches, val, dynamics=dynamics, steps=T, hypergrad=strategy)
             apply_hypergradient(optimizer, hparams, hg.hparams)
             return {"val_loss": float(hg.value), **row}
 
@@ -169,7 +195,7 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
     def final_run(h: dict[str, Tensor]) -> dict[str, float]:
         params0, batches = draw(1, config.eval_steps)
         with torch.no_grad():
-            w = bl.solve(problem, params0, h, batches, dynamics=dynamics, steps=config.eval_steps)
+            w = solve(problem, params0, h, batches, dynamics=dynamics, steps=config.eval_steps)
         return {**lr_momentum(h), **_losses(model, w, data)}
 
     tuned_h = {k_: v.detach() for k_, v in hparams.items()}
@@ -188,7 +214,7 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
         "initial": before,
         "tuned": after,
         "eval_steps": config.eval_steps,
-        "hypergrad": repr(strategy),
+        "hypergrad": strategy_text(strategy),
         "hpo_seconds": t_hpo,
         "total_seconds": time.perf_counter() - t_start,
         "config": config.summary(),
@@ -202,7 +228,7 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
 
         panels = [("learning rate", ["lr"] + (["lr_min", "lr_max"] if config.schedule else [])),
                   ("momentum", ["momentum"]), ("validation loss", ["val_loss"])]
-        title = f"{'online' if config.online else 'offline'} HO of SGD-momentum, {strategy!r}"
+        title = f"{'online' if config.online else 'offline'} HO of SGD-momentum, {strategy_text(strategy)}"
         plot_history(history, config.out_path("lr.png"), panels, title=title, log_y=("learning rate",))  # type: ignore[arg-type]
         if config.schedule:
             plot_schedule(tuned_h["log_lr"].exp(), config.out_path("schedule.png"), initial=config.lr)  # type: ignore[arg-type]

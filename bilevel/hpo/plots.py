@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel._atomic import atomic_write
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -20,12 +22,12 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``fig`` as a PNG atomically (:func:`bilevel._atomic.atomic_write`) and close it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_history(

@@ -43,23 +43,25 @@ problem = bl.BilevelProblem(inner_loss, outer_loss=hpo.cross_entropy_loss(model)
 dynamics = bl.HeavyBall(lr=0.5, momentum=0.9)
 hparams = {"logit": torch.zeros(len(noisy_labels), requires_grad=True)}  # c_i = 0.5 to start
 optimizer = torch.optim.Adam(hparams.values(), lr=0.2)
-state = {"w": hpo.init_params(model, zeros=True)}
+strategy = bl.Implicit(bl.CG(maxiter=20))
 
 
-def step(it):  # one hypergradient step; each inner run warm-starts where the previous one ended
+def step(it, state):  # one hypergradient step; the inner run warm-starts where the previous one ended
+    hparams, optimizer, w = state  # explicit state: λ, its optimizer and the inner starting point
     c = torch.sigmoid(hparams["logit"]).detach()
-    w_T = bl.solve(problem, state["w"], hparams, train, dynamics=dynamics, steps=30, hypergrad=bl.Implicit(bl.CG(maxiter=20)))
+    w_T = bl.solve(problem, w, hparams, train, dynamics=dynamics, steps=30, hypergrad=strategy)
     value = problem.outer_loss(w_T, hparams, val)
     (grad,) = torch.autograd.grad(value, hparams["logit"])
     hpo.apply_hypergradient(optimizer, hparams, {"logit": grad})
-    state["w"] = {name: v.detach() for name, v in w_T.items()}
-    return {"val_loss": value.item(), "weight_clean": c[~corrupted].mean().item(), "weight_corrupted": c[corrupted].mean().item()}
+    row = {"val_loss": value.item(), "weight_clean": c[~corrupted].mean().item(), "weight_corrupted": c[corrupted].mean().item()}
+    return row, state._replace(inner={name: v.detach() for name, v in w_T.items()})
 
 
-hpo.hyper_loop(step, args.hyper_steps, out=args.out, show=("val_loss", "weight_corrupted"))
+state0 = hpo.HyperState(hparams, optimizer, hpo.init_params(model, zeros=True))
+history, state = hpo.hyper_loop(step, state0, args.hyper_steps, out=args.out, show=("val_loss", "weight_corrupted"))
 
 # --- test accuracy of a refit with the learned weights, against all-ones and the oracle -----------
-weights = torch.sigmoid(hparams["logit"]).detach()
+weights = torch.sigmoid(state.hparams["logit"]).detach()
 for name, c in (("baseline (all)", torch.ones_like(weights)), ("oracle (clean only)", (~corrupted).float()), ("learned", weights)):
     logit = torch.logit(c.clamp(1e-6, 1 - 1e-6))  # the same loss with fixed weights c
     with torch.no_grad():

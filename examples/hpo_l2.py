@@ -73,12 +73,11 @@ if isinstance(strategy, bl.Implicit):  # warm-started: the implicit hypergradien
     steps, warm = 30, True
 else:  # unrolled through all 300 steps from w_0 = 0, exactly the refit
     steps, warm = 300, False
-step = hpo.hyper_step(problem, hparams, optimizer, params0=w0, batch=train, val_batch=val, dynamics=dynamics,
-                      steps=steps, hypergrad=strategy, warm_start=warm)
-hpo.hyper_loop(step, args.hyper_steps, out=args.out)
+step = hpo.HyperStep(problem, train, val, dynamics=dynamics, steps=steps, hypergrad=strategy, warm_start=warm)
+history, state = hpo.hyper_loop(step, step.init(hparams, optimizer, w0), args.hyper_steps, out=args.out)
 
 # --- 3. compare on the same refit ---------------------------------------------------------------
-w_grid, w_tuned = fit(torch.full((x.shape[1],), math.log(best))), fit(hparams["log_l2"].detach())
+w_grid, w_tuned = fit(torch.full((x.shape[1],), math.log(best))), fit(state.hparams["log_l2"].detach())
 for name, w in (("shared L2 (grid)", w_grid), ("per-feature L2", w_tuned)):
     (va, _), (te, acc) = hpo.evaluate(model, w, data.val), hpo.evaluate(model, w, data.test)
     print(f"{name:18s} val loss {va:.4f}  test loss {te:.4f}  test accuracy {acc:.4f}")

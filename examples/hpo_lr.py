@@ -69,37 +69,38 @@ def current(h):
     return {"lr": h["log_lr"].exp().item(), "momentum": torch.sigmoid(h["logit_mu"]).item()}
 
 
-# --- the hyper-loop: one hypergradient step on λ per iteration -----------------------------------
+# --- the hyper-loop: one hypergradient step on λ per iteration; the state is explicit ------------
 if not args.online:  # offline: every hyper-step trains from scratch (new w_0, new mini-batches)
 
-    def step(it):
-        row = current(hparams)
+    def step(it, state):
+        row = current(state.hparams)
         params0 = hpo.init_params(model, generator=gen)
         batches = hpo.minibatches(data.train, 100, T, generator=gen)  # t -> B_t
-        hg = bl.hypergradient(problem, params0, hparams, batches, val, dynamics=dynamics, steps=T, hypergrad=strategy)
-        hpo.apply_hypergradient(optimizer, hparams, hg.hparams)
-        return {"val_loss": hg.value.item(), **row}
+        hg = bl.hypergradient(problem, params0, state.hparams, batches, val, dynamics=dynamics, steps=T, hypergrad=strategy)
+        hpo.apply_hypergradient(state.optimizer, state.hparams, hg.hparams)
+        return {"val_loss": hg.value.item(), **row}, state
 
-else:  # online: one run; the InnerState carries w_t (and, in forward mode, dw_t/dλ) across segments
-    run = {"state": hpo.init_params(model, generator=gen)}
+    state0 = hpo.HyperState(hparams, optimizer)
+else:  # online: one run; state.inner carries w_t (and, in forward mode, dw_t/dλ) across segments
+    state0 = hpo.HyperState(hparams, optimizer, hpo.init_params(model, generator=gen))
     batches = hpo.minibatches(data.train, 100, T * args.hyper_steps, generator=gen)
 
-    def step(it):
-        row = current(hparams)
-        w_t, run["state"] = bl.solve(problem, run["state"], hparams, batches, dynamics=dynamics, steps=T,
-                                     hypergrad=strategy, return_state=True)
-        value = loss(w_t, hparams, val)
-        grads = torch.autograd.grad(value, list(hparams.values()))
-        hpo.apply_hypergradient(optimizer, hparams, dict(zip(hparams, grads)))
-        return {"val_loss": value.item(), **row}
+    def step(it, state):
+        row = current(state.hparams)
+        w_t, inner = bl.solve(problem, state.inner, state.hparams, batches, dynamics=dynamics, steps=T,
+                              hypergrad=strategy, return_state=True)
+        value = loss(w_t, state.hparams, val)
+        grads = torch.autograd.grad(value, list(state.hparams.values()))
+        hpo.apply_hypergradient(state.optimizer, state.hparams, dict(zip(state.hparams, grads)))
+        return {"val_loss": value.item(), **row}, state._replace(inner=inner)
 
 
-history = hpo.hyper_loop(step, args.hyper_steps, out=args.out, show=("val_loss", "lr", "momentum"))
+history, state = hpo.hyper_loop(step, state0, args.hyper_steps, out=args.out, show=("val_loss", "lr", "momentum"))
 plot_history(history, f"{args.out}/lr.png", [("learning rate", ["lr"]), ("momentum", ["momentum"]), ("val loss", ["val_loss"])])
 
 # --- compare the initial and the tuned λ on the same fresh run -----------------------------------
 for name, h in (("initial", {"log_lr": torch.tensor(math.log(0.01)), "logit_mu": torch.tensor(0.0)}),
-                ("tuned", {n: v.detach() for n, v in hparams.items()})):
+                ("tuned", {n: v.detach() for n, v in state.hparams.items()})):
     g = torch.Generator().manual_seed(1)
     steps = T * args.hyper_steps if args.online else T
     with torch.no_grad():

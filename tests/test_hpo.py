@@ -209,14 +209,17 @@ def test_real_mnist_hyper_cleaning_closes_the_gap(shared_data_root, tmp_path):
 
 # ---------------------------------------------------------------------------------- the loop
 def test_hyper_loop_logs_and_stops_on_non_finite(tmp_path):
-    rows = hpo.hyper_loop(lambda it: {"val_loss": 1.0 / it, "lr": torch.tensor(0.5)}, 3, out=tmp_path, progress=False)
+    rows, state = hpo.hyper_loop(lambda it, s: ({"val_loss": 1.0 / it, "lr": torch.tensor(0.5)}, s + [it]), [], 3,
+                                 out=tmp_path, progress=False)
     assert [r["val_loss"] for r in rows] == [1.0, 0.5, pytest.approx(1 / 3)] and rows[0]["lr"] == 0.5
+    assert state == [1, 2, 3]  # the state each step returned is the next step's input, and the last one comes back
     assert len(_csv_rows(tmp_path / "log.csv")) == 3
     with pytest.raises(ValueError, match=r"hyper-step 2: \['val_loss'\] not finite"):
-        hpo.hyper_loop(lambda it: {"val_loss": float("nan") if it == 2 else 1.0}, 3, out=tmp_path, progress=False)
+        hpo.hyper_loop(lambda it, s: ({"val_loss": float("nan") if it == 2 else 1.0}, s), None, 3, out=tmp_path,
+                       progress=False)
     assert len(_csv_rows(tmp_path / "log.csv")) == 1  # what was logged before the failure is on disk
     with pytest.raises(hpo.OptionError, match="hyper_steps must be an integer >= 1"):
-        hpo.hyper_loop(lambda it: {}, 0)
+        hpo.hyper_loop(lambda it, s: ({}, s), None, 0)
 
 
 def test_apply_hypergradient_checks_its_input():

@@ -8,7 +8,9 @@ end of the inner training dynamics (Franceschi et al. 2018, §2). This package h
   :func:`split_dataset`, :func:`corrupt_labels`, :func:`minibatches`;
 * options: each task's config is a frozen dataclass of declared options (:mod:`bilevel.options`)
   holding its hypergradient as a :class:`bilevel.Strategy`; :func:`make_config` builds one by name;
-* the loop: :func:`hyper_loop` (progress bar + CSV), :func:`hyper_step`,
+* the loop, in explicit state: :func:`hyper_loop` (``row, state = step(it, state)``; progress
+  bar + CSV), :class:`HyperStep` (one hyper-iteration on a fixed data set) and its
+  :class:`HyperState` (λ, its optimizer, where the next inner run starts),
   :func:`apply_hypergradient`, :func:`refit_and_evaluate`, :func:`write_json`;
 * models and metrics: :func:`logistic_regression`, :func:`mlp`, :func:`init_params`,
   :func:`evaluate`, :func:`f1_score`; plots in :mod:`bilevel.hpo.plots`;
@@ -37,7 +39,7 @@ from bilevel.hpo.data import (
     split_dataset,
 )
 from bilevel.hpo.l2 import L2Config, run_l2
-from bilevel.hpo.loop import apply_hypergradient, hyper_loop, hyper_step, refit_and_evaluate, write_json
+from bilevel.hpo.loop import HyperState, HyperStep, apply_hypergradient, hyper_loop, refit_and_evaluate, write_json
 from bilevel.hpo.lr import LRConfig, run_lr
 from bilevel.hpo.models import cross_entropy_loss, evaluate, f1_score, init_params, logistic_regression, mlp
 
@@ -84,6 +86,8 @@ __all__ = [
     "CleanConfig",
     "ConvexConfig",
     "HPOConfig",
+    "HyperState",
+    "HyperStep",
     "L2Config",
     "LRConfig",
     "OptionError",
@@ -96,7 +100,6 @@ __all__ = [
     "f1_score",
     "find_mnist",
     "hyper_loop",
-    "hyper_step",
     "init_params",
     "load_dataset",
     "logistic_regression",

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from bilevel.dynamics import HeavyBall
 from bilevel.hpo.config import ConvexConfig, strategy_text, task_runner
 from bilevel.hpo.data import corrupt_labels
-from bilevel.hpo.loop import hyper_loop, hyper_step, refit_and_evaluate, write_json
+from bilevel.hpo.loop import HyperStep, hyper_loop, refit_and_evaluate, write_json
 from bilevel.hpo.models import cross_entropy_loss, f1_score, init_params, logistic_regression
 from bilevel.options import option
 from bilevel.problem import BilevelProblem
@@ -141,11 +141,11 @@ def run_clean(config: CleanConfig) -> dict[str, Any]:
         return {**mean_weights(c, corrupted), "f1": f1_score(c < config.threshold, corrupted)[2]}
 
     strategy = config.hypergrad
-    step = hyper_step(problem, hparams, optimizer, params0=w0, batch=train, val_batch=val, dynamics=dynamics,
-                      steps=config.steps, hypergrad=strategy, warm_start=config.warm_start, project=project, record=record)
+    step = HyperStep(problem, train, val, dynamics=dynamics, steps=config.steps, hypergrad=strategy,
+                     warm_start=config.warm_start, project=project, record=record)
     t_hpo = time.perf_counter()
-    history = hyper_loop(step, config.hyper_steps, out=config.out, desc="hpo clean", progress=config.progress,
-                         show=("val_loss", "f1"))
+    history, _ = hyper_loop(step, step.init(hparams, optimizer, w0), config.hyper_steps, out=config.out, desc="hpo clean",
+                            progress=config.progress, show=("val_loss", "f1"))
     t_hpo = time.perf_counter() - t_hpo
 
     weights = example_weights(hparams).detach()

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from bilevel.dynamics import HeavyBall
 from bilevel.hpo.config import CONVEX_HYPERGRAD_HELP, ConvexConfig, split_help, strategy_text, task_runner
-from bilevel.hpo.loop import hyper_loop, hyper_step, refit_and_evaluate, write_json
+from bilevel.hpo.loop import HyperStep, hyper_loop, refit_and_evaluate, write_json
 from bilevel.hpo.models import cross_entropy_loss, init_params, logistic_regression
 from bilevel.hypergrad import Implicit, Strategy
 from bilevel.linsolve import CG
@@ -126,10 +126,11 @@ def run_l2(config: L2Config) -> dict[str, Any]:
         v = h["log_l2"].detach() / math.log(10.0)
         return {"log10_l2_mean": float(v.mean()), "log10_l2_min": float(v.min()), "log10_l2_max": float(v.max())}
 
-    step = hyper_step(problem, hparams, optimizer, params0=w0, batch=train, val_batch=val, dynamics=dynamics,
-                      steps=config.steps, hypergrad=strategy, warm_start=config.warm_start, record=record)
+    step = HyperStep(problem, train, val, dynamics=dynamics, steps=config.steps, hypergrad=strategy,
+                     warm_start=config.warm_start, record=record)
     t_hpo = time.perf_counter()
-    history = hyper_loop(step, config.hyper_steps, out=config.out, desc="hpo l2", progress=config.progress)
+    history, _ = hyper_loop(step, step.init(hparams, optimizer, w0), config.hyper_steps, out=config.out, desc="hpo l2",
+                            progress=config.progress)
     t_hpo = time.perf_counter() - t_hpo
 
     log_l2 = hparams["log_l2"].detach()

@@ -4,7 +4,9 @@ Gradient-based HPO (Franceschi et al. 2018, §2) repeats three things: compute t
 ∇f(λ) of the validation loss f(λ) = E(w_T(λ), λ) with a strategy of :mod:`bilevel.hypergrad`,
 take an optimizer step on λ (optionally projecting λ back onto its feasible set Λ), and record
 what happened. :func:`hyper_loop` owns the recording (tqdm, one CSV row per hyper-step written
-and flushed as it comes); the caller's ``step`` function owns the mathematics.
+and flushed as it comes); the caller's ``step`` function owns the mathematics. State is explicit:
+``step(it, state) -> (row, state)``, with :class:`HyperState` (λ, its optimizer, where the next
+inner run starts) for the steps of this package, e.g. :class:`HyperStep`.
 """
 from __future__ import annotations
 
@@ -12,19 +14,23 @@ import csv
 import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
 from bilevel._atomic import atomic_write_text
+from bilevel._tree import Params
 from bilevel.hpo.data import TaskData
 from bilevel.hpo.models import evaluate
 from bilevel.hypergrad import Strategy
 from bilevel.options import OptionError
 from bilevel.problem import BilevelProblem
-from bilevel.solve import solve
+from bilevel.solve import InnerState, solve
+
+S = TypeVar("S")
 
 def apply_hypergradient(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
     """One optimizer step on λ with the given hypergradient (the explicit ``.grad`` opt-in).
@@ -54,63 +60,97 @@ def apply_hypergradient(optimizer: torch.optim.Optimizer, hparams: Mapping[str, 
     optimizer.step()
 
 
-def hyper_step(
-    problem: BilevelProblem,
-    hparams: dict[str, Tensor],
-    optimizer: torch.optim.Optimizer,
-    *,
-    params0: dict[str, Tensor],
-    batch: Any,
-    val_batch: Any,
-    dynamics: Any,
-    steps: int,
-    hypergrad: Strategy,
-    warm_start: bool = False,
-    project: Callable[[dict[str, Tensor]], None] | None = None,
-    record: Callable[[dict[str, Tensor]], Mapping[str, float]] | None = None,
-) -> Callable[[int], dict[str, float]]:
-    """The body of one hyper-iteration on a fixed data set, to pass to :func:`hyper_loop`.
+class HyperState(NamedTuple):
+    """What one hyper-step hands to the next: the explicit state of a hyper-loop.
 
-    Each call runs w_T = ``solve``(w_0, λ) for ``steps`` steps, evaluates the outer loss
+    A step function receives the state and returns the next one (``step(it, state) -> (row,
+    state)``); nothing that changes between hyper-steps lives in a closure.
+
+    Attributes:
+        hparams: λ, the dict of leaf tensors that ``optimizer`` owns. They are updated in place by
+            ``optimizer.step()`` (torch.optim's rule, through :func:`apply_hypergradient`), so the
+            same dict travels from state to state.
+        optimizer: the outer optimizer (e.g. ``torch.optim.Adam(hparams.values())``) and its moments.
+        inner: where the next inner run starts: w_0 (a dict of tensors), or the detached
+            :class:`bilevel.InnerState` where an earlier run stopped (warm start, online HO); it
+            also carries Implicit's optimality scale of the chain's cold start.
+            ``None`` when every hyper-step draws its own w_0 (the ``lr`` task offline).
+    """
+
+    hparams: dict[str, Tensor]
+    optimizer: torch.optim.Optimizer
+    inner: Params | InnerState | None = None
+
+
+@dataclass(frozen=True)
+class HyperStep:
+    """One hyper-iteration of (projected) hypergradient descent on a fixed data set: the step of :func:`hyper_loop`.
+
+    Built as ``HyperStep(problem, batch, val_batch, dynamics=…, steps=…, hypergrad=…)``;
+    ``step(it, state)`` runs w_T = ``solve``(w_0, λ) for ``steps`` steps, evaluates the outer loss
     f(λ) = E(w_T, λ, ``val_batch``), back-propagates it to λ with the strategy ``hypergrad``,
-    steps ``optimizer`` and applies ``project`` (e.g. clamping onto Λ) — projected hypergradient
-    descent (Franceschi et al. 2017, §5.1).
+    steps the optimizer and applies ``project`` (e.g. clamping onto Λ) — projected hypergradient
+    descent (Franceschi et al. 2017, §5.1). The object holds only constants; λ, the optimizer and
+    the inner starting point travel in the :class:`HyperState`.
 
-    Args:
+    Invariant (``warm_start``): hyper-step k + 1 starts the inner dynamics at w_T of hyper-step k
+    (detached; ``dynamics.init`` re-initialises its auxiliary state, e.g. the heavy-ball velocity),
+    and Implicit's optimality residual is measured against ‖F(w_0, λ_0)‖ of the first, cold, run.
+
+    Attributes:
         problem: the bilevel problem.
-        hparams: λ, leaf tensors owned by ``optimizer``; those requiring grad are tuned.
-        optimizer: the outer optimizer (e.g. ``torch.optim.Adam(hparams.values())``).
-        params0: w_0.
         batch: the inner data (as for :func:`bilevel.solve`).
         val_batch: the outer data.
         dynamics, steps, hypergrad: as for :func:`bilevel.solve`.
-        warm_start: start each inner run from the previous w_T (detached) instead of ``params0``;
-            sound for ``Implicit``, whose hypergradient depends on the end point only.
+        warm_start: start each inner run from the previous w_T instead of w_0; sound for
+            ``Implicit``, whose hypergradient depends on the end point only.
         project: in-place map of λ onto its feasible set, called under ``no_grad`` after each step.
         record: extra numbers to log, computed from λ *before* the update (matching ``val_loss``).
-
-    Returns:
-        ``step(it) -> {"val_loss": f(λ), **record(λ)}``.
     """
-    keys = [k for k, v in hparams.items() if v.requires_grad]
-    if not keys:
-        raise ValueError(f"hyper_step: no hparams require grad (keys {list(hparams)}); nothing to tune")
-    start = {"params": params0}
 
-    def step(it: int) -> dict[str, float]:
-        row = {k: float(v) for k, v in (record(hparams) if record is not None else {}).items()}
-        w_t = solve(problem, start["params"], hparams, batch, dynamics=dynamics, steps=steps, hypergrad=hypergrad)
-        value = problem.outer_loss(w_t, hparams, val_batch)
+    problem: BilevelProblem
+    batch: Any
+    val_batch: Any
+    _: KW_ONLY
+    dynamics: Any
+    steps: int
+    hypergrad: Strategy
+    warm_start: bool = False
+    project: Callable[[dict[str, Tensor]], None] | None = None
+    record: Callable[[dict[str, Tensor]], Mapping[str, float]] | None = None
+
+    def init(self, hparams: dict[str, Tensor], optimizer: torch.optim.Optimizer, params0: Params) -> HyperState:
+        """The state before the first hyper-step: λ, its optimizer, and the inner run starting at w_0 = ``params0``.
+
+        Raises:
+            ValueError: no entry of ``hparams`` requires grad (nothing to tune).
+        """
+        if not any(v.requires_grad for v in hparams.values()):
+            raise ValueError(f"HyperStep: no hparams require grad (keys {list(hparams)}); nothing to tune")
+        return HyperState(hparams, optimizer, dict(params0))
+
+    def __call__(self, it: int, state: HyperState) -> tuple[dict[str, float], HyperState]:
+        """Hyper-step ``it``: returns ``({"val_loss": f(λ), **record(λ)}, next state)``."""
+        hparams = state.hparams
+        keys = [k for k, v in hparams.items() if v.requires_grad]
+        row = {k: float(v) for k, v in (self.record(hparams) if self.record is not None else {}).items()}
+        w_t, inner = solve(self.problem, state.inner, hparams, self.batch, dynamics=self.dynamics, steps=self.steps,
+                           hypergrad=self.hypergrad, return_state=True)
+        value = self.problem.outer_loss(w_t, hparams, self.val_batch)
         grads = torch.autograd.grad(value, [hparams[k] for k in keys])
-        apply_hypergradient(optimizer, hparams, dict(zip(keys, grads)))
-        if project is not None:
+        apply_hypergradient(state.optimizer, hparams, dict(zip(keys, grads)))
+        if self.project is not None:
             with torch.no_grad():
-                project(hparams)
-        if warm_start:
-            start["params"] = {k: v.detach() for k, v in w_t.items()}
-        return {"val_loss": float(value.detach()), **row}
-
-    return step
+                self.project(hparams)
+        nxt = state.inner
+        if self.warm_start:
+            w_end = {k: v.detach() for k, v in w_t.items()}
+            if inner.optimality_scale is None:
+                nxt = w_end
+            else:  # restart the dynamics at w_T, keeping the cold start's certificate scale
+                h = {k: v.detach() for k, v in hparams.items()}
+                nxt = InnerState(self.dynamics.init(w_end, h), 0, optimality_scale=inner.optimality_scale)
+        return {"val_loss": float(value.detach()), **row}, state._replace(inner=nxt)
 
 
 def refit_and_evaluate(
@@ -143,7 +183,8 @@ def _fmt(v: Any) -> Any:
 
 
 def hyper_loop(
-    step: Callable[[int], Mapping[str, float]],
+    step: Callable[[int, S], tuple[Mapping[str, Any], S]],
+    state: S,
     hyper_steps: int,
     *,
     out: str | Path | None = None,
@@ -151,17 +192,21 @@ def hyper_loop(
     desc: str = "hpo",
     progress: bool = True,
     show: tuple[str, ...] = ("val_loss",),
-) -> list[dict[str, float]]:
-    """Run ``step(1), …, step(hyper_steps)``, logging each returned row.
+) -> tuple[list[dict[str, Any]], S]:
+    """Run ``row, state = step(it, state)`` for it = 1, …, hyper_steps, logging each row.
 
-    Each call of ``step(it)`` performs one hyper-iteration (hypergradient + update of λ) and
-    returns the numbers worth logging (e.g. ``{"val_loss": f(λ), "lr": η}``). The loop adds
+    Each call performs one hyper-iteration (hypergradient + update of λ) on the state it is
+    given and returns the numbers worth logging (e.g. ``{"val_loss": f(λ), "lr": η}``) with the
+    next state (explicit state: init/step style; e.g. :class:`HyperStep` with its
+    :meth:`HyperStep.init`, or any function and state of your own). The loop adds
     ``"step": it``, shows ``show`` keys on a tqdm progress bar, and appends the row to
     ``out/log_name`` (CSV, header from the first row, flushed after every row so that a killed
     run keeps what it logged).
 
     Args:
-        step: the body of one hyper-iteration, ``it -> {name: float}`` (same keys every time).
+        step: the body of one hyper-iteration, ``(it, state) -> ({name: float}, next state)``
+            (same keys every time).
+        state: the state before the first hyper-step.
         hyper_steps: number of hyper-iterations (≥ 1).
         out: folder for the CSV (created if needed); ``None`` logs nothing to disk.
         log_name: file name of the CSV inside ``out``.
@@ -170,7 +215,7 @@ def hyper_loop(
         show: keys displayed on the progress bar.
 
     Returns:
-        The rows, one dict per hyper-step.
+        ``(rows, state)``: one dict per hyper-step, and the state after the last one.
 
     Raises:
         ValueError: ``val_loss`` (or any logged number) is not finite, naming the hyper-step.
@@ -187,7 +232,8 @@ def hyper_loop(
     try:
         bar = tqdm(range(1, hyper_steps + 1), desc=desc, disable=not progress, leave=False)
         for it in bar:
-            row = {"step": it, **{k: (float(v) if isinstance(v, (int, float, Tensor)) else v) for k, v in step(it).items()}}
+            got, state = step(it, state)
+            row = {"step": it, **{k: (float(v) if isinstance(v, (int, float, Tensor)) else v) for k, v in got.items()}}
             bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
             if bad:
                 raise ValueError(f"hyper-step {it}: {bad} not finite ({ {k: row[k] for k in bad} }); lower the hyper learning rate")
@@ -202,7 +248,7 @@ def hyper_loop(
     finally:
         if handle is not None:
             handle.close()
-    return history
+    return history, state
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
@@ -221,4 +267,4 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"cannot write {type(v).__name__} to JSON")
 
 
-__all__ = ["apply_hypergradient", "hyper_loop", "hyper_step", "refit_and_evaluate", "write_json"]
+__all__ = ["HyperState", "HyperStep", "apply_hypergradient", "hyper_loop", "refit_and_evaluate", "write_json"]

@@ -29,12 +29,12 @@ from torch import Tensor
 from bilevel.dynamics import HeavyBall
 from bilevel.hpo.config import HPOConfig, strategy_text, task_runner
 from bilevel.hpo.data import TaskData, minibatches
-from bilevel.hpo.loop import apply_hypergradient, hyper_loop, write_json
+from bilevel.hpo.loop import HyperState, apply_hypergradient, hyper_loop, write_json
 from bilevel.hpo.models import cross_entropy_loss, evaluate, init_params, mlp
 from bilevel.hypergrad import FirstOrder, Forward, Implicit, NoInner, Reverse, Strategy
 from bilevel.options import OptionError, option
 from bilevel.problem import BilevelProblem
-from bilevel.solve import hypergradient, solve
+from bilevel.solve import HypergradientState, hypergradient, solve
 
 _UNROLLED = "Use forward, reverse, checkpointed:K or truncated:K"
 
@@ -166,30 +166,30 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
         g = config.generator(stream)
         return {k_: v.to(config.device) for k_, v in init_params(model, generator=g).items()}, minibatches(data.train, config.batch_size, steps, generator=g)
 
-    online: dict[str, Any] = {}
     if config.online:
-        online["state"], batches = draw(2, T * config.hyper_steps)
+        params0, batches = draw(2, T * config.hyper_steps)
 
-        def step(it: int) -> dict[str, float]:
-            row = lr_momentum(hparams)
-            w_t, online["state"] = solve(problem, online["state"], hparams, batches, dynamics=dynamics, steps=T,
-                                            hypergrad=strategy, return_state=True)
-            value = problem.outer_loss(w_t, hparams, val)
-            apply_hypergradient(optimizer, hparams, dict(zip(hparams, torch.autograd.grad(value, list(hparams.values())))))
-            online["params"] = {k_: v.detach() for k_, v in w_t.items()}
-            return {"val_loss": float(value.detach()), **row}
+        def step(it: int, state: HyperState) -> tuple[dict[str, float], HyperState]:
+            """The next T steps of the one online run (continuing from ``state.inner``), then one update of λ."""
+            row = lr_momentum(state.hparams)
+            hg, carried = hypergradient(problem, HypergradientState(state.inner), state.hparams, batches, val,
+                                        dynamics=dynamics, steps=T, hypergrad=strategy, return_state=True)
+            apply_hypergradient(state.optimizer, state.hparams, hg.hparams)
+            return {"val_loss": float(hg.value), **row}, state._replace(inner=carried.inner)
     else:
+        params0 = None
 
-        def step(it: int) -> dict[str, float]:
-            row = lr_momentum(hparams)
-            params0, batches = draw(10 + it, T)
-            hg = hypergradient(problem, params0, hparams, batches, val, dynamics=dynamics, steps=T, hypergrad=strategy)
-            apply_hypergradient(optimizer, hparams, hg.hparams)
-            return {"val_loss": float(hg.value), **row}
+        def step(it: int, state: HyperState) -> tuple[dict[str, float], HyperState]:
+            """A fresh run of T steps from its own w_0 and mini-batches (stream 10 + it), then one update of λ."""
+            row = lr_momentum(state.hparams)
+            w0, batches = draw(10 + it, T)
+            hg = hypergradient(problem, w0, state.hparams, batches, val, dynamics=dynamics, steps=T, hypergrad=strategy)
+            apply_hypergradient(state.optimizer, state.hparams, hg.hparams)
+            return {"val_loss": float(hg.value), **row}, state
 
     t_hpo = time.perf_counter()
-    history = hyper_loop(step, config.hyper_steps, out=config.out, desc="hpo lr", progress=config.progress,
-                         show=("val_loss", "lr", "momentum"))
+    history, final = hyper_loop(step, HyperState(hparams, optimizer, params0), config.hyper_steps, out=config.out,
+                                desc="hpo lr", progress=config.progress, show=("val_loss", "lr", "momentum"))
     t_hpo = time.perf_counter() - t_hpo
 
     def final_run(h: dict[str, Tensor]) -> dict[str, float]:
@@ -222,7 +222,8 @@ def run_lr(config: LRConfig) -> dict[str, Any]:
     if config.schedule:
         metrics["tuned_schedule"] = tuned_h["log_lr"].exp().tolist()
     if config.online:
-        metrics["online_run"] = _losses(model, online["params"], data)
+        end = final.inner  # the InnerState where the online run stopped
+        metrics["online_run"] = _losses(model, {k_: v.detach() for k_, v in dynamics.params(end.dynamics_state).items()}, data)  # type: ignore[union-attr]
     if config.out is not None:
         from bilevel.hpo.plots import plot_history, plot_schedule
 

@@ -6,7 +6,7 @@ MNIST pixels) at the price of a few grid points (Franceschi et al. 2018, §2; Pe
     python examples/hpo_l2.py                              # scikit-learn digits
     python examples/hpo_l2.py --data-root ../shared/data   # MNIST (mnist10k.npz)
     python examples/hpo_l2.py --hypergrad reverse          # unrolled instead of implicit
-    python examples/hpo_l2.py --hypergrad implicit-neumann:50:0.5
+    python examples/hpo_l2.py --hypergrad implicit-neumann:50:0.5:tol=0.01
 
 Adapt: change the penalty in ``inner_loss``; anything in ``hparams`` that requires grad is tuned.
 """
@@ -31,8 +31,9 @@ def parse_strategy(text):  # parsed by bilevel's one strategy grammar; argparse 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--data-root", default=None, help="folder with mnist10k.npz (default: scikit-learn digits)")
 parser.add_argument("--out", default="runs/example-hpo-l2")
-parser.add_argument("--hypergrad", type=parse_strategy, default="implicit-cg:30",
-                    help="implicit-cg:K, implicit-neumann:K[:ALPHA], reverse, checkpointed:K, … (bilevel's strategy grammar)")
+parser.add_argument("--hypergrad", type=parse_strategy, default="implicit-cg:300:0.001:tol=0.01:warm-start",
+                    help="implicit-cg:K[:STOP][:tol=X][:warm-start], implicit-neumann:K[:ALPHA], reverse, checkpointed:K, … "
+                         "(bilevel's strategy grammar)")
 parser.add_argument("--hyper-steps", type=int, default=50)
 args = parser.parse_args()
 
@@ -69,12 +70,15 @@ print(f"grid: best shared L2 {best:.2e}, val loss {grid[best]:.4f}")
 hparams = {"log_l2": torch.full((x.shape[1],), math.log(best), requires_grad=True)}
 optimizer = torch.optim.Adam(hparams.values(), lr=0.1)
 strategy = args.hypergrad
-if isinstance(strategy, bl.Implicit):  # warm-started: the implicit hypergradient needs w_T ≈ argmin only
-    steps, warm = 30, True
+if isinstance(strategy, bl.Implicit):  # warm-started and certified (HOAG): 30 steps at a time until
+    steps, warm, most = 30, True, 300  # ‖∇L(w_T)‖ <= tol·‖∇L(w_0)‖, then CG from the previous solution to its STOP
 else:  # unrolled through all 300 steps from w_0 = 0, exactly the refit
-    steps, warm = 300, False
-step = hpo.HyperStep(problem, train, val, dynamics=dynamics, steps=steps, hypergrad=strategy, warm_start=warm)
+    steps, warm, most = 300, False, None
+step = hpo.HyperStep(problem, train, val, dynamics=dynamics, steps=steps, hypergrad=strategy, warm_start=warm, max_steps=most)
 history, state = hpo.hyper_loop(step, step.init(hparams, optimizer, w0), args.hyper_steps, out=args.out)
+if warm:  # the certificate of every hyper-step is in the log: r_opt = ‖∇L(w_T)‖/‖∇L(w_0)‖ and ‖Au − b‖/‖b‖
+    print(f"residuals: optimality <= {max(r['optimality'] for r in history):.1e}, "
+          f"linear solve <= {max(r['linear_residual'] for r in history):.1e} (tol {strategy.tol:g})")
 
 # --- 3. compare on the same refit ---------------------------------------------------------------
 w_grid, w_tuned = fit(torch.full((x.shape[1],), math.log(best))), fit(state.hparams["log_l2"].detach())

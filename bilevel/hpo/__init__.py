@@ -10,8 +10,9 @@ end of the inner training dynamics (Franceschi et al. 2018, §2). This package h
   holding its hypergradient as a :class:`bilevel.Strategy`; :func:`make_config` builds one by name;
 * the loop, in explicit state: :func:`hyper_loop` (``row, state = step(it, state)``; progress
   bar + CSV), :class:`HyperStep` (one hyper-iteration on a fixed data set) and its
-  :class:`HyperState` (λ, its optimizer, where the next inner run starts),
-  :func:`apply_hypergradient`, :func:`refit_and_evaluate`, :func:`write_json`;
+  :class:`HyperState` (λ, its optimizer, where the next inner run starts), :func:`residual_summary`
+  (max/last of Implicit's certificate over the hyper-steps), :func:`apply_hypergradient`,
+  :func:`refit_and_evaluate`, :func:`write_json`;
 * models and metrics: :func:`logistic_regression`, :func:`mlp`, :func:`init_params`,
   :func:`evaluate`, :func:`f1_score`; plots in :mod:`bilevel.hpo.plots`;
 * tasks: ``lr`` (learning rate and momentum, :func:`run_lr`), ``l2`` (per-feature L2,
@@ -39,7 +40,15 @@ from bilevel.hpo.data import (
     split_dataset,
 )
 from bilevel.hpo.l2 import L2Config, run_l2
-from bilevel.hpo.loop import HyperState, HyperStep, apply_hypergradient, hyper_loop, refit_and_evaluate, write_json
+from bilevel.hpo.loop import (
+    HyperState,
+    HyperStep,
+    apply_hypergradient,
+    hyper_loop,
+    refit_and_evaluate,
+    residual_summary,
+    write_json,
+)
 from bilevel.hpo.lr import LRConfig, run_lr
 from bilevel.hpo.models import cross_entropy_loss, evaluate, f1_score, init_params, logistic_regression, mlp
 
@@ -107,6 +116,7 @@ __all__ = [
     "minibatches",
     "mlp",
     "refit_and_evaluate",
+    "residual_summary",
     "run",
     "run_clean",
     "run_l2",

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from bilevel.dynamics import HeavyBall
 from bilevel.hpo.config import ConvexConfig, strategy_text, task_runner
 from bilevel.hpo.data import corrupt_labels
-from bilevel.hpo.loop import HyperStep, hyper_loop, refit_and_evaluate, write_json
+from bilevel.hpo.loop import HyperStep, hyper_loop, refit_and_evaluate, residual_summary, write_json
 from bilevel.hpo.models import cross_entropy_loss, f1_score, init_params, logistic_regression
 from bilevel.options import option
 from bilevel.problem import BilevelProblem
@@ -36,7 +36,7 @@ WEIGHTINGS = ("sigmoid", "projection")
 class CleanConfig(ConvexConfig):
     """Options of the ``clean`` task (see :class:`HPOConfig` and :class:`ConvexConfig` for the rest).
 
-    Default hypergradient ``implicit-cg:20``, warm-started (:class:`ConvexConfig`).
+    Default hypergradient ``implicit-cg:300:0.001:tol=0.01:warm-start``, certified (:class:`ConvexConfig`).
 
     Attributes:
         corrupt_fraction: share of training labels flipped to another class, in [0, 1).
@@ -142,7 +142,7 @@ def run_clean(config: CleanConfig) -> dict[str, Any]:
 
     strategy = config.hypergrad
     step = HyperStep(problem, train, val, dynamics=dynamics, steps=config.steps, hypergrad=strategy,
-                     warm_start=config.warm_start, project=project, record=record)
+                     warm_start=config.warm_start, max_steps=config.max_inner_steps, project=project, record=record)
     t_hpo = time.perf_counter()
     history, _ = hyper_loop(step, step.init(hparams, optimizer, w0), config.hyper_steps, out=config.out, desc="hpo clean",
                             progress=config.progress, show=("val_loss", "f1"))
@@ -167,6 +167,7 @@ def run_clean(config: CleanConfig) -> dict[str, Any]:
         "tuned": tuned,
         "baseline": baseline,
         "oracle": oracle,
+        **residual_summary(history),
         "hypergrad": strategy_text(strategy),
         "hpo_seconds": t_hpo,
         "total_seconds": time.perf_counter() - t_start,

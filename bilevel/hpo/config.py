@@ -30,9 +30,14 @@ from bilevel.options import OptionError, declared, option, validate
 HYPERGRAD_HELP = ("Hypergradient strategy (bilevel.hypergrad.from_string): forward, reverse, checkpointed:K, "
                   "truncated:K, implicit-cg:K, implicit-neumann:K[:ALPHA], implicit-fixed-point:K, implicit-exact, "
                   "first-order, no-inner; each task refuses those whose hypergradient is meaningless for it, saying why.")
-CONVEX_HYPERGRAD_HELP = ("Hypergradient strategy: implicit-cg:K (warm-started), implicit-neumann:K[:ALPHA], "
-                         "implicit-fixed-point:K, implicit-exact, reverse, checkpointed:K, truncated:K or forward; "
-                         "first-order and no-inner are refused (zero hypergradient).")
+#: the default hypergradient of the convex tasks (``l2``, ``clean``): see :class:`ConvexConfig`.
+CERTIFIED_IMPLICIT = Implicit(CG(maxiter=300, tol=1e-3), tol=1e-2, warm_start=True)
+CONVEX_HYPERGRAD_HELP = ("Hypergradient strategy. The default is HOAG's rule: each inner run continues from the previous "
+                         "one until its optimality residual is within tol (at most --eval-steps steps), then warm-started "
+                         "CG solves to 1e-3; a hyper-step that misses tol warns. Also implicit-cg:K[:STOP], "
+                         "implicit-neumann:K[:ALPHA], implicit-fixed-point:K, implicit-exact (options :tol=X, "
+                         ":warm-start), reverse, checkpointed:K, truncated:K or forward; first-order and no-inner are "
+                         "refused (zero hypergradient).")
 
 
 def split_help(what: str, splits: dict[str, tuple[int, int, int]], i: int) -> str:
@@ -221,18 +226,43 @@ class ConvexConfig(HPOConfig):
     """Options of the tasks whose inner problem is a strongly convex (linear-model) fit.
 
     The inner dynamics is heavy-ball gradient descent on the full training set. With an
-    ``Implicit`` hypergradient each hyper-step warm-starts from the previous w_T and runs
-    ``inner_steps`` (default 30) more steps (the implicit hypergradient depends on w_T ≈ argmin
-    only); the unrolled strategies (reverse, checkpointed, truncated, forward) start from w_0 = 0
-    every time and run ``eval_steps`` steps unless ``inner_steps`` is set. Reported losses refit
-    from w_0 = 0 for ``eval_steps`` steps, the same procedure for every λ compared.
+    ``Implicit`` hypergradient (default) each hyper-step restarts the dynamics at the previous
+    w_T and runs ``inner_steps`` (default 30) steps at a time until the optimality certificate
+    holds — r_opt = ‖∇_w L(w_T, λ_k)‖ / ‖∇_w L(w_0, λ_0)‖ ≤ ``tol``, relative to the cold start —
+    or ``eval_steps`` steps are spent (:class:`bilevel.hpo.HyperStep` with ``max_steps``); the
+    unrolled strategies (reverse, checkpointed, truncated, forward) start from w_0 = 0 every time
+    and run ``eval_steps`` steps unless ``inner_steps`` is set. Reported losses refit from
+    w_0 = 0 for ``eval_steps`` steps, the same procedure for every λ compared.
+
+    The default hypergradient, ``implicit-cg:300:0.001:tol=0.01:warm-start``, is HOAG's rule
+    (Pedregosa 2016, Alg. 1): the inner problem and the linear system are each solved to a
+    relative tolerance, both warm-started. Its tolerance, 1e-2 for both residuals, is HOAG's
+    initial one (``epsilon_tol_init = 0.01``, relative to the same cold-start gradient norm),
+    kept fixed over the 50–60 hyper-steps (HOAG lets it decrease, which its convergence proof
+    needs; these tasks run a fixed budget of Adam steps). Measured with seed 0, the defaults
+    stay within it at every hyper-step on digits and MNIST, so they run silent; the stricter 1e-3
+    costs 2–6× the inner and CG work, still misses it at a few hyper-steps within ``eval_steps``,
+    and changes no reported number beyond the third decimal. ``--hypergrad`` with another
+    ``:tol=`` (or ``implicit-cg:K`` at the library's 1e-3) is certified at that tolerance: a
+    hyper-step whose residuals exceed it warns (``InexactHypergradientWarning``) with both
+    numbers. ``log.csv`` records each hyper-step's ``optimality``, ``linear_residual``,
+    ``linear_iterations`` and ``inner_steps``; ``metrics.json`` their max and last values.
+
+    What the certificate does not say: residuals bound the hypergradient's error only up to the
+    condition number of the inner Hessian. Against an exact float64 hypergradient (Newton's
+    method, dense solve) along the default path on digits, the relative error is 3–14% for
+    ``clean`` (31% at the last hyper-step; 10–28% with the former one-run ``implicit-cg:20``) and
+    29–117% for ``l2``, whose tuned per-feature weights make the inner problem ill-conditioned
+    (12–90% even at tol = 1e-3). The reported numbers come from refits, so they are true
+    whatever the hypergradient's error; it only decides how well the search goes.
 
     λ enters the inner objective only (a penalty, example weights), so ``first-order`` and
     ``no-inner`` give a zero hypergradient and are refused.
 
     Attributes:
         inner_lr, inner_momentum: η and μ of the heavy-ball inner dynamics.
-        eval_steps: inner steps of the refits that the reported numbers come from.
+        eval_steps: inner steps of the refits that the reported numbers come from (and the most
+            inner steps an implicit hyper-step may run).
     """
 
     WARM_INNER_STEPS: ClassVar[int] = 30
@@ -240,9 +270,10 @@ class ConvexConfig(HPOConfig):
     LAMBDA_ROLE: ClassVar[str] = "a term of the inner objective"
     ALTERNATIVES: ClassVar[str] = "Use implicit-cg:K, implicit-neumann:K[:ALPHA], reverse, checkpointed:K, truncated:K or forward"
 
-    inner_steps: int | None = option(None, help="Inner steps T per hypergradient [default: 30 more steps from the "
-                                     "previous w_T with implicit-*; --eval-steps from w_0 = 0 otherwise].", min=1)
-    hypergrad: Strategy | None = option(Implicit(CG(maxiter=20)), help=CONVEX_HYPERGRAD_HELP)
+    inner_steps: int | None = option(None, help="Inner steps T per hypergradient [default: with implicit-*, 30 at a "
+                                     "time from the previous w_T until the optimality residual is within the strategy's "
+                                     "tol (at most --eval-steps); otherwise --eval-steps from w_0 = 0].", min=1)
+    hypergrad: Strategy | None = option(CERTIFIED_IMPLICIT, help=CONVEX_HYPERGRAD_HELP)
     inner_lr: float = option(0.5, help="Inner step size η.", min=0, min_open=True)
     inner_momentum: float = option(0.9, help="Inner momentum μ.", min=0, max=1, max_open=True)
     eval_steps: int = option(300, help="Inner steps of the refits the reported numbers come from.", min=1)
@@ -257,10 +288,15 @@ class ConvexConfig(HPOConfig):
 
     @property
     def steps(self) -> int:
-        """T per hypergradient: ``inner_steps``, else a warm-started 30 (implicit) or ``eval_steps``."""
+        """T per hypergradient (per chunk for implicit): ``inner_steps``, else 30 (implicit) or ``eval_steps``."""
         if self.inner_steps is not None:
             return self.inner_steps
         return self.WARM_INNER_STEPS if self.warm_start else self.eval_steps
+
+    @property
+    def max_inner_steps(self) -> int | None:
+        """Implicit: the most inner steps one hyper-step runs to certify w_T (``eval_steps``, at least T); else None."""
+        return max(self.eval_steps, self.steps) if self.warm_start else None
 
     @property
     def warm_start(self) -> bool:
@@ -268,4 +304,4 @@ class ConvexConfig(HPOConfig):
         return isinstance(self.hypergrad, Implicit)
 
 
-__all__ = ["CONVEX_HYPERGRAD_HELP", "HYPERGRAD_HELP", "ConvexConfig", "HPOConfig", "split_help", "strategy_text", "task_runner"]
+__all__ = ["CERTIFIED_IMPLICIT", "CONVEX_HYPERGRAD_HELP", "HYPERGRAD_HELP", "ConvexConfig", "HPOConfig", "split_help", "strategy_text", "task_runner"]

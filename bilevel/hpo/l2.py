@@ -21,11 +21,9 @@ from torch import Tensor
 from torch.func import functional_call
 
 from bilevel.dynamics import HeavyBall
-from bilevel.hpo.config import CONVEX_HYPERGRAD_HELP, ConvexConfig, split_help, strategy_text, task_runner
-from bilevel.hpo.loop import HyperStep, hyper_loop, refit_and_evaluate, write_json
+from bilevel.hpo.config import ConvexConfig, split_help, strategy_text, task_runner
+from bilevel.hpo.loop import HyperStep, hyper_loop, refit_and_evaluate, residual_summary, write_json
 from bilevel.hpo.models import cross_entropy_loss, init_params, logistic_regression
-from bilevel.hypergrad import Implicit, Strategy
-from bilevel.linsolve import CG
 from bilevel.options import OptionError, option
 from bilevel.problem import BilevelProblem
 
@@ -34,7 +32,7 @@ from bilevel.problem import BilevelProblem
 class L2Config(ConvexConfig):
     """Options of the ``l2`` task (see :class:`HPOConfig` and :class:`ConvexConfig` for the rest).
 
-    Default hypergradient ``implicit-cg:30``, warm-started (:class:`ConvexConfig`).
+    Default hypergradient ``implicit-cg:300:0.001:tol=0.01:warm-start``, certified (:class:`ConvexConfig`).
 
     Attributes:
         grid_points: number of shared L2 weights tried, log-spaced over [10^grid_min, 10^grid_max].
@@ -47,7 +45,6 @@ class L2Config(ConvexConfig):
     SPLITS: ClassVar[dict[str, tuple[int, int, int]]] = {"digits": (100, 500, 1197), "mnist": (1000, 2000, 4000)}
     LAMBDA_ROLE: ClassVar[str] = "the weights of the L2 penalty"
 
-    hypergrad: Strategy | None = option(Implicit(CG(maxiter=30)), help=CONVEX_HYPERGRAD_HELP)
     n_train: int | None = option(None, help=split_help("Training", SPLITS, 0), min=1)
     n_val: int | None = option(None, help=split_help("Validation", SPLITS, 1), min=1)
     n_test: int | None = option(None, help=split_help("Test", SPLITS, 2), min=0)
@@ -127,7 +124,7 @@ def run_l2(config: L2Config) -> dict[str, Any]:
         return {"log10_l2_mean": float(v.mean()), "log10_l2_min": float(v.min()), "log10_l2_max": float(v.max())}
 
     step = HyperStep(problem, train, val, dynamics=dynamics, steps=config.steps, hypergrad=strategy,
-                     warm_start=config.warm_start, record=record)
+                     warm_start=config.warm_start, max_steps=config.max_inner_steps, record=record)
     t_hpo = time.perf_counter()
     history, _ = hyper_loop(step, step.init(hparams, optimizer, w0), config.hyper_steps, out=config.out, desc="hpo l2",
                             progress=config.progress)
@@ -150,6 +147,7 @@ def run_l2(config: L2Config) -> dict[str, Any]:
                            "max": float(log_l2.max() / math.log(10))},
         "grid": grid,
         "tuned": tuned,
+        **residual_summary(history),
         "hypergrad": strategy_text(strategy),
         "grid_seconds": t_grid,
         "hpo_seconds": t_hpo,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
@@ -22,15 +23,16 @@ import torch
 from torch import Tensor
 
 from bilevel._atomic import atomic_write_text
-from bilevel._tree import Params
+from bilevel._tree import Params, detach
 from bilevel.hpo.data import TaskData
 from bilevel.hpo.models import evaluate
-from bilevel.hypergrad import Strategy
+from bilevel.hypergrad import Implicit, InexactHypergradientWarning, Strategy
 from bilevel.options import OptionError
 from bilevel.problem import BilevelProblem
-from bilevel.solve import InnerState, solve
+from bilevel.solve import InnerState, SolveInfo, solve
 
 S = TypeVar("S")
+
 
 def apply_hypergradient(optimizer: torch.optim.Optimizer, hparams: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
     """One optimizer step on λ with the given hypergradient (the explicit ``.grad`` opt-in).
@@ -75,11 +77,14 @@ class HyperState(NamedTuple):
             :class:`bilevel.InnerState` where an earlier run stopped (warm start, online HO); it
             also carries Implicit's optimality scale of the chain's cold start.
             ``None`` when every hyper-step draws its own w_0 (the ``lr`` task offline).
+        linsolve: ``Implicit(..., warm_start=True)`` only — the previous linear-solve solution u
+            (detached, shaped like params), the initial guess of the next one.
     """
 
     hparams: dict[str, Tensor]
     optimizer: torch.optim.Optimizer
     inner: Params | InnerState | None = None
+    linsolve: Params | None = None
 
 
 @dataclass(frozen=True)
@@ -90,22 +95,43 @@ class HyperStep:
     ``step(it, state)`` runs w_T = ``solve``(w_0, λ) for ``steps`` steps, evaluates the outer loss
     f(λ) = E(w_T, λ, ``val_batch``), back-propagates it to λ with the strategy ``hypergrad``,
     steps the optimizer and applies ``project`` (e.g. clamping onto Λ) — projected hypergradient
-    descent (Franceschi et al. 2017, §5.1). The object holds only constants; λ, the optimizer and
-    the inner starting point travel in the :class:`HyperState`.
+    descent (Franceschi et al. 2017, §5.1). The object holds only constants; λ, the optimizer, the
+    inner starting point and the previous linear-solve solution travel in the :class:`HyperState`.
 
-    Invariant (``warm_start``): hyper-step k + 1 starts the inner dynamics at w_T of hyper-step k
-    (detached; ``dynamics.init`` re-initialises its auxiliary state, e.g. the heavy-ball velocity),
-    and Implicit's optimality residual is measured against ‖F(w_0, λ_0)‖ of the first, cold, run.
+    Invariants:
+
+    * ``warm_start``: hyper-step k + 1 starts the inner dynamics at w_T of hyper-step k
+      (detached; ``dynamics.init`` re-initialises its auxiliary state, e.g. the heavy-ball
+      velocity), and Implicit's optimality residual r_opt = ‖F(w_T, λ_k)‖ / ‖F(w_0, λ_0)‖ is
+      measured against the first, cold, run: the scale HOAG's inner tolerance uses.
+    * ``max_steps`` (``Implicit`` only): the inner run goes on, ``steps`` at a time from where it
+      stopped, until its optimality certificate holds (r_opt ≤ ``hypergrad.tol`` or
+      ‖F(w_T, λ)‖ ≤ ``hypergrad.atol``) or ``max_steps`` steps are spent — the inner problem
+      solved to a tolerance, as in HOAG (Pedregosa 2016, Alg. 1). Only a hyper-step that hits
+      ``max_steps`` (or whose linear solve misses ``tol``) gets Implicit's warning, prefixed
+      with the hyper-step and the inner steps it ran in all.
+    * ``hypergrad.warm_start`` (``Implicit``): each linear solve starts from the previous one's
+      solution u (also HOAG's rule), carried in :attr:`HyperState.linsolve`.
+
+    With ``Implicit``, each row also has ``inner_steps`` (steps run this hyper-step) and the
+    certificate (:meth:`bilevel.SolveInfo.as_dict`): ``optimality`` (r_opt),
+    ``linear_residual`` (‖A u − b‖/‖b‖) and ``linear_iterations``.
 
     Attributes:
         problem: the bilevel problem.
         batch: the inner data (as for :func:`bilevel.solve`).
         val_batch: the outer data.
-        dynamics, steps, hypergrad: as for :func:`bilevel.solve`.
+        dynamics, steps, hypergrad: as for :func:`bilevel.solve` (``steps``: per run, or per chunk
+            with ``max_steps``).
         warm_start: start each inner run from the previous w_T instead of w_0; sound for
             ``Implicit``, whose hypergradient depends on the end point only.
+        max_steps: ``Implicit`` only — run the inner dynamics until its optimality certificate
+            holds, at most this many steps per hyper-step; ``None``: exactly ``steps``.
         project: in-place map of λ onto its feasible set, called under ``no_grad`` after each step.
         record: extra numbers to log, computed from λ *before* the update (matching ``val_loss``).
+
+    Reference: Pedregosa (2016), *Hyperparameter optimization with approximate gradient*, Alg. 1
+    (inner problem and linear system solved to a tolerance, both warm-started).
     """
 
     problem: BilevelProblem
@@ -116,8 +142,17 @@ class HyperStep:
     steps: int
     hypergrad: Strategy
     warm_start: bool = False
+    max_steps: int | None = None
     project: Callable[[dict[str, Tensor]], None] | None = None
     record: Callable[[dict[str, Tensor]], Mapping[str, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None:
+            if not isinstance(self.hypergrad, Implicit):
+                raise ValueError(f"HyperStep(max_steps=...) continues the inner run until Implicit's optimality "
+                                 f"certificate holds; hypergrad={self.hypergrad!r} has none (leave max_steps=None)")
+            if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < self.steps:
+                raise ValueError(f"HyperStep(max_steps=...) must be an integer >= steps={self.steps}, got {self.max_steps!r}")
 
     def init(self, hparams: dict[str, Tensor], optimizer: torch.optim.Optimizer, params0: Params) -> HyperState:
         """The state before the first hyper-step: λ, its optimizer, and the inner run starting at w_0 = ``params0``.
@@ -130,14 +165,27 @@ class HyperStep:
         return HyperState(hparams, optimizer, dict(params0))
 
     def __call__(self, it: int, state: HyperState) -> tuple[dict[str, float], HyperState]:
-        """Hyper-step ``it``: returns ``({"val_loss": f(λ), **record(λ)}, next state)``."""
-        hparams = state.hparams
+        """Hyper-step ``it``: returns ``({"val_loss": f(λ), **record(λ), [certificate]}, next state)``."""
+        hparams, strategy = state.hparams, self.hypergrad
         keys = [k for k, v in hparams.items() if v.requires_grad]
         row = {k: float(v) for k, v in (self.record(hparams) if self.record is not None else {}).items()}
-        w_t, inner = solve(self.problem, state.inner, hparams, self.batch, dynamics=self.dynamics, steps=self.steps,
-                           hypergrad=self.hypergrad, return_state=True)
+        implicit = isinstance(strategy, Implicit)
+        warm_u = implicit and strategy.warm_start  # type: ignore[union-attr]
+        start, used, steps = state.inner, 0, self.steps
+        while True:
+            w_t, inner, info = solve(self.problem, start, hparams, self.batch, dynamics=self.dynamics, steps=steps,
+                                     hypergrad=strategy, return_state=True, return_info=True,
+                                     linsolve_init=state.linsolve if warm_u else None)
+            used += steps
+            if self.max_steps is None or used >= self.max_steps or _certified(strategy, info):
+                break
+            steps = min(self.steps, self.max_steps - used)
+            start = InnerState(detach(inner.dynamics_state), inner.t, None, (), inner.optimality_scale)
         value = self.problem.outer_loss(w_t, hparams, self.val_batch)
-        grads = torch.autograd.grad(value, [hparams[k] for k in keys])
+        with warnings.catch_warnings(record=True) as caught:  # Implicit certifies (and may warn) in the backward pass
+            warnings.simplefilter("always")
+            grads = torch.autograd.grad(value, [hparams[k] for k in keys])
+        self._rewarn(caught, it, used)
         apply_hypergradient(state.optimizer, hparams, dict(zip(keys, grads)))
         if self.project is not None:
             with torch.no_grad():
@@ -150,7 +198,51 @@ class HyperStep:
             else:  # restart the dynamics at w_T, keeping the cold start's certificate scale
                 h = {k: v.detach() for k, v in hparams.items()}
                 nxt = InnerState(self.dynamics.init(w_end, h), 0, optimality_scale=inner.optimality_scale)
-        return {"val_loss": float(value.detach()), **row}, state._replace(inner=nxt)
+        out = {"val_loss": float(value.detach()), **row}
+        if implicit:
+            out.update(inner_steps=float(used), **info.as_dict())
+        return out, state._replace(inner=nxt, linsolve=info.linear_solution if warm_u else None)
+
+    def _rewarn(self, caught: list[warnings.WarningMessage], it: int, used: int) -> None:
+        """Re-emit the backward pass's warnings (the caller's filters apply); Implicit's get the hyper-step's context.
+
+        Implicit's message speaks of its last ``solve`` call ("after ``steps`` inner steps"); with
+        ``max_steps`` that call continued a longer run, so the message is prefixed with the whole.
+        """
+        for w in caught:
+            message: Warning | str = w.message
+            if issubclass(w.category, InexactHypergradientWarning):
+                whole = (f"{used} inner steps in all, up to max_steps={self.max_steps} ({self.steps} at a time until "
+                         "the optimality residual is within tol)" if self.max_steps is not None else f"{used} inner steps")
+                message = f"hyper-step {it}, {whole}: {w.message}"
+            warnings.warn_explicit(message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _certified(strategy: Implicit, info: SolveInfo) -> bool:
+    """Implicit's optimality certificate holds at w_T: r_opt ≤ tol, or ‖F(w_T, λ)‖ ≤ atol."""
+    return bool(info.optimality <= strategy.tol or info.optimality_norm <= strategy.atol)
+
+
+#: the certificate's columns of a hyper-step row (``SolveInfo.as_dict``) summarised in metrics.json.
+_RESIDUALS = ("optimality", "linear_residual")
+
+
+def residual_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """``{NAME_max, NAME_last}`` over the hyper-steps for each certificate column the rows have (else ``{}``).
+
+    Args:
+        history: the rows of :func:`hyper_loop` (an ``Implicit`` :class:`HyperStep` logs ``optimality`` and
+            ``linear_residual``).
+
+    Returns:
+        e.g. ``{"optimality_max": …, "optimality_last": …, "linear_residual_max": …, "linear_residual_last": …}``.
+    """
+    out: dict[str, float] = {}
+    for name in _RESIDUALS:
+        values = [row[name] for row in history if name in row]
+        if values:
+            out[f"{name}_max"], out[f"{name}_last"] = max(values), values[-1]
+    return out
 
 
 def refit_and_evaluate(
@@ -267,4 +359,5 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"cannot write {type(v).__name__} to JSON")
 
 
-__all__ = ["HyperState", "HyperStep", "apply_hypergradient", "hyper_loop", "refit_and_evaluate", "write_json"]
+__all__ = ["HyperState", "HyperStep", "apply_hypergradient", "hyper_loop", "refit_and_evaluate", "residual_summary",
+           "write_json"]

@@ -125,7 +125,8 @@ class Progress:
 
     iteration: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"mean": None, "iteration": None})
-    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0])  # loss sum, metric sum, count since last row
+    #: since the last log row: loss sum, metric sum, count, worst implicit optimality and linear-solve residuals
+    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0, float("nan"), float("nan")])
     elapsed: float = 0.0
 
 

@@ -19,7 +19,9 @@ from bilevel._atomic import atomic_write_text
 __all__ = ["LOG", "LOG_FIELDS", "RunLog"]
 
 LOG = "log.csv"
-LOG_FIELDS = ["iteration", "split", "loss", "metric", "ci95", "lr", "seconds"]
+#: optimality / linear_residual: the worst certificates of implicit hypergradients since the previous row
+#: (empty for strategies that measure none; see bilevel.Implicit)
+LOG_FIELDS = ["iteration", "split", "loss", "metric", "ci95", "lr", "seconds", "optimality", "linear_residual"]
 
 
 def _kept_rows(path: Path, resume_from: int) -> list[dict[str, str]]:
@@ -72,20 +74,23 @@ class RunLog:
                 self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_from + 1 if resume_from is not None else None)
 
     def log(self, iteration: int, split: str, loss: float, metric: float, ci95: float, lr: float, seconds: float,
-            **scalars: float) -> None:
-        """One row; extra ``scalars`` (e.g. implicit residuals) go to TensorBoard only."""
+            optimality: float = math.nan, linear_residual: float = math.nan) -> None:
+        """One row (NaN residuals, i.e. not measured, are written as empty cells)."""
         if not self.enabled:
             return
+        cell = lambda x: "" if math.isnan(x) else f"{x:.3g}"  # noqa: E731
         self.writer.writerow({"iteration": iteration, "split": split, "loss": f"{loss:.6g}", "metric": f"{metric:.6g}",
-                              "ci95": f"{ci95:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}"})
+                              "ci95": f"{ci95:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}",
+                              "optimality": cell(optimality), "linear_residual": cell(linear_residual)})
         self.file.flush()
         if self.tb is not None:
             if not math.isnan(loss):
                 self.tb.add_scalar(f"{split}/loss", loss, iteration)
             self.tb.add_scalar(f"{split}/metric", metric, iteration)
             self.tb.add_scalar("lr", lr, iteration)
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"{split}/{k}", v, iteration)
+            for k, v in (("optimality", optimality), ("linear_residual", linear_residual)):
+                if not math.isnan(v):
+                    self.tb.add_scalar(f"{split}/implicit_{k}", v, iteration)
 
     def close(self) -> None:
         if self.enabled:

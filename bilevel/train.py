@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from bilevel.data.synthetic import seed_from
 from bilevel.distributed import broadcast_module, broadcast_object, init_from_env, leave_group, on_rank0
 from bilevel.distributed import world as _world
 from bilevel.evaluation import evaluate_learner, evaluate_model
+from bilevel.hypergrad import InexactHypergradientWarning
 from bilevel.io import read_torch_file, save_learner
 from bilevel.learner import MetaLearner
 from bilevel.options import OptionError
@@ -49,6 +51,7 @@ from bilevel.parallel import TaskThreads, meta_gradient
 from bilevel.run_config import DataConfig, PiecewiseLR, Samplers, TrainConfig, build_samplers
 from bilevel.run_folder import RunFolder
 from bilevel.run_log import RunLog
+from bilevel.solve import collect_solve_info, worst_residuals
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -205,6 +208,24 @@ def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: 
     return _finish(name, learner, samplers, data, cfg, device, state, out, rank)
 
 
+def _replay(caught: list[warnings.WarningMessage], warned_inexact: bool, iteration: int) -> bool:
+    """Re-emit the warnings of one iteration; an inexact-hypergradient warning only the first time in a run."""
+    for w in caught:
+        if issubclass(w.category, InexactHypergradientWarning):
+            if warned_inexact:
+                continue
+            warned_inexact = True
+            warnings.warn(f"meta-iteration {iteration}: {w.message} (shown once per run; log.csv records the worst "
+                          "residuals of every logged iteration)", InexactHypergradientWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return warned_inexact
+
+
+def _nan_low(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
 def _diverged(what: str, it: int, out: Path, checkpointed: int | None) -> TrainingDiverged:
     where = (f"The last checkpoint, {out / CHECKPOINT} (iteration {checkpointed}), is intact: resume from it with "
              "smaller learning rates" if checkpointed else "No checkpoint was written yet")
@@ -222,6 +243,7 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
 
         bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"train {type(learner).__name__}", dynamic_ncols=True)
     checkpointed = state.iteration or None
+    warned_inexact = False
     t_start, elapsed0 = time.perf_counter(), state.elapsed
     last_val: dict[str, Any] | None = None
     metric_name = "mse" if learner.task == "regression" else "acc"
@@ -231,7 +253,11 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
         for it in range(state.iteration, cfg.iterations):
             samplers.train.iteration = it
             episodes = samplers.train.sample(it, indices=share).to(device)
-            stats = meta_gradient(learner, episodes, params, threads)
+            with collect_solve_info() as infos, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", InexactHypergradientWarning)
+                stats = meta_gradient(learner, episodes, params, threads)
+            worst = worst_residuals(infos)  # implicit strategies' certificates (this rank's episodes)
+            warned_inexact = _replay(caught, warned_inexact, it + 1)
             if not math.isfinite(float(stats[0])):  # the mean over all ranks: every rank stops here
                 what = ("an inner loss is not finite" if math.isinf(float(stats[0])) and math.isnan(float(stats[1]))
                         else f"the meta-loss is {float(stats[0])}")
@@ -245,17 +271,20 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
             state.iteration = done
             state.elapsed = elapsed0 + time.perf_counter() - t_start
             r = state.running
-            state.running = [r[0] + float(stats[0]), r[1] + float(stats[1]), r[2] + 1]
+            state.running = [r[0] + float(stats[0]), r[1] + float(stats[1]), r[2] + 1,
+                             max(r[3], worst.get("optimality", math.nan), key=_nan_low),
+                             max(r[4], worst.get("linear_residual", math.nan), key=_nan_low)]
             lr = opt.param_groups[0]["lr"]
             if done % cfg.log_every == 0 or done == cfg.iterations:
                 mean_loss, mean_metric = state.running[0] / state.running[2], state.running[1] / state.running[2]
-                log.log(done, "train", mean_loss, mean_metric, math.nan, lr, state.elapsed)
+                log.log(done, "train", mean_loss, mean_metric, math.nan, lr, state.elapsed,
+                        optimality=state.running[3], linear_residual=state.running[4])
                 if bar is not None:
                     post = {"loss": f"{mean_loss:.4f}", metric_name: f"{mean_metric:.4f}"}
                     if last_val is not None:
                         post["val"] = f"{last_val['mean']:.4f}"
                     bar.set_postfix(post)
-                state.running = [0.0, 0.0, 0]
+                state.running = [0.0, 0.0, 0, math.nan, math.nan]
             if done % cfg.val_every == 0 or done == cfg.iterations:
                 last_val = evaluate_learner(learner, samplers.val, cfg.val_episodes, device=device)
                 log.log(done, "val", math.nan, last_val["mean"], last_val["ci95"], lr, state.elapsed)

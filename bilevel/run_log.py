@@ -16,7 +16,7 @@ from typing import Any
 
 from bilevel._atomic import atomic_write_text
 
-__all__ = ["LOG", "LOG_FIELDS", "RunLog"]
+__all__ = ["LOG", "LOG_FIELDS", "RunLog", "replay_warnings"]
 
 LOG = "log.csv"
 #: optimality / linear_residual: the worst certificates of implicit hypergradients since the previous row
@@ -73,8 +73,9 @@ class RunLog:
             else:
                 self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_from + 1 if resume_from is not None else None)
 
-    def log(self, iteration: int, split: str, loss: float, metric: float, ci95: float, lr: float, seconds: float,
-            optimality: float = math.nan, linear_residual: float = math.nan) -> None:
+    def log(self, iteration: int, split: str, *, loss: float = math.nan, metric: float = math.nan,
+            ci95: float = math.nan, lr: float = math.nan, seconds: float = math.nan, optimality: float = math.nan,
+            linear_residual: float = math.nan) -> None:
         """One row (NaN residuals, i.e. not measured, are written as empty cells)."""
         if not self.enabled:
             return
@@ -103,3 +104,20 @@ class RunLog:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def replay_warnings(caught: list[warnings.WarningMessage], warned_inexact: bool, iteration: int) -> bool:
+    """Re-emit the warnings one training iteration recorded; an inexact-hypergradient warning only the
+    first time in a run (``warned_inexact`` says whether it was shown). Returns the new ``warned_inexact``."""
+    from bilevel.hypergrad import InexactHypergradientWarning
+
+    for w in caught:
+        if issubclass(w.category, InexactHypergradientWarning):
+            if warned_inexact:
+                continue
+            warned_inexact = True
+            warnings.warn(f"meta-iteration {iteration}: {w.message} (shown once per run; log.csv records the worst "
+                          "residuals of every logged iteration)", InexactHypergradientWarning, stacklevel=3)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return warned_inexact

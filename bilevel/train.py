@@ -12,14 +12,10 @@
 Validation, test and ``bilevel <method> eval`` use the one evaluator
 (:func:`bilevel.evaluation.evaluate_learner`).
 
-Data parallelism (:mod:`bilevel.distributed`): under ``torchrun`` (or ``--nproc``) ``fit``
-creates the process group (gloo on CPU, NCCL on GPU). Meta-batch ``it`` is the same on every
-rank (episodes depend only on the seed, the iteration and the episode index); rank r takes
-episodes [r·B/W, (r+1)·B/W) and the meta-gradients are averaged with one all-reduce after the
-outer backward (:func:`meta_gradient`), so W ranks follow the same trajectory as one process
-(up to floating-point summation order). Only rank 0 touches ``out``: it writes every file and
-reads the checkpoint to resume, then broadcasts it (no shared file system needed). A run is
-resumed with the number of processes that wrote it.
+Data parallelism (:mod:`bilevel.distributed`): under ``torchrun`` (or ``--nproc``) rank r takes
+episodes [r·B/W, (r+1)·B/W) of the same meta-batch and the meta-gradients are averaged after the
+outer backward (:func:`meta_gradient`), so W ranks follow one process's trajectory; only rank 0
+touches ``out``. A run is resumed with the number of processes that wrote it.
 """
 from __future__ import annotations
 
@@ -50,7 +46,7 @@ from bilevel.options import OptionError
 from bilevel.parallel import TaskThreads, meta_gradient
 from bilevel.run_config import DataConfig, PiecewiseLR, Samplers, TrainConfig, build_samplers
 from bilevel.run_folder import RunFolder
-from bilevel.run_log import RunLog
+from bilevel.run_log import RunLog, replay_warnings
 from bilevel.solve import collect_solve_info, worst_residuals
 
 CHECKPOINT = "checkpoint.pt"
@@ -208,24 +204,6 @@ def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: 
     return _finish(name, learner, samplers, data, cfg, device, state, out, rank)
 
 
-def _replay(caught: list[warnings.WarningMessage], warned_inexact: bool, iteration: int) -> bool:
-    """Re-emit the warnings of one iteration; an inexact-hypergradient warning only the first time in a run."""
-    for w in caught:
-        if issubclass(w.category, InexactHypergradientWarning):
-            if warned_inexact:
-                continue
-            warned_inexact = True
-            warnings.warn(f"meta-iteration {iteration}: {w.message} (shown once per run; log.csv records the worst "
-                          "residuals of every logged iteration)", InexactHypergradientWarning, stacklevel=2)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return warned_inexact
-
-
-def _nan_low(x: float) -> float:
-    return -math.inf if math.isnan(x) else x
-
-
 def _diverged(what: str, it: int, out: Path, checkpointed: int | None) -> TrainingDiverged:
     where = (f"The last checkpoint, {out / CHECKPOINT} (iteration {checkpointed}), is intact: resume from it with "
              "smaller learning rates" if checkpointed else "No checkpoint was written yet")
@@ -256,8 +234,7 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
             with collect_solve_info() as infos, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", InexactHypergradientWarning)
                 stats = meta_gradient(learner, episodes, params, threads)
-            worst = worst_residuals(infos)  # implicit strategies' certificates (this rank's episodes)
-            warned_inexact = _replay(caught, warned_inexact, it + 1)
+            warned_inexact = replay_warnings(caught, warned_inexact, it + 1)
             if not math.isfinite(float(stats[0])):  # the mean over all ranks: every rank stops here
                 what = ("an inner loss is not finite" if math.isinf(float(stats[0])) and math.isnan(float(stats[1]))
                         else f"the meta-loss is {float(stats[0])}")
@@ -270,24 +247,17 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
             done = it + 1
             state.iteration = done
             state.elapsed = elapsed0 + time.perf_counter() - t_start
-            r = state.running
-            state.running = [r[0] + float(stats[0]), r[1] + float(stats[1]), r[2] + 1,
-                             max(r[3], worst.get("optimality", math.nan), key=_nan_low),
-                             max(r[4], worst.get("linear_residual", math.nan), key=_nan_low)]
+            state.record(float(stats[0]), float(stats[1]), worst_residuals(infos))  # implicit certificates too
             lr = opt.param_groups[0]["lr"]
             if done % cfg.log_every == 0 or done == cfg.iterations:
-                mean_loss, mean_metric = state.running[0] / state.running[2], state.running[1] / state.running[2]
-                log.log(done, "train", mean_loss, mean_metric, math.nan, lr, state.elapsed,
-                        optimality=state.running[3], linear_residual=state.running[4])
+                row = state.take_period()
+                log.log(done, "train", lr=lr, seconds=state.elapsed, **row)
                 if bar is not None:
-                    post = {"loss": f"{mean_loss:.4f}", metric_name: f"{mean_metric:.4f}"}
-                    if last_val is not None:
-                        post["val"] = f"{last_val['mean']:.4f}"
-                    bar.set_postfix(post)
-                state.running = [0.0, 0.0, 0, math.nan, math.nan]
+                    bar.set_postfix({"loss": f"{row['loss']:.4f}", metric_name: f"{row['metric']:.4f}",
+                                     **({"val": f"{last_val['mean']:.4f}"} if last_val is not None else {})})
             if done % cfg.val_every == 0 or done == cfg.iterations:
                 last_val = evaluate_learner(learner, samplers.val, cfg.val_episodes, device=device)
-                log.log(done, "val", math.nan, last_val["mean"], last_val["ci95"], lr, state.elapsed)
+                log.log(done, "val", metric=last_val["mean"], ci95=last_val["ci95"], lr=lr, seconds=state.elapsed)
                 if math.isfinite(last_val["mean"]) and _is_better(last_val["mean"], state.best["mean"], learner.task):
                     state.best = {**last_val, "iteration": done}
                     if rank == 0:

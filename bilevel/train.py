@@ -185,7 +185,8 @@ def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: 
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                              weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, PiecewiseLR(cfg.lr_schedule))
     identity = _identity(name, learner, data, cfg, world)
 

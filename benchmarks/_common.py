@@ -114,22 +114,97 @@ def image_dataset(data_root: Any) -> Any:
     return load_dataset("glyphs", None, "train")
 
 
+def episode_threads(learner: Any, workers: int) -> int:
+    """Intra-op threads one episode runs on in :func:`bilevel_step` (TaskThreads workers use 1)."""
+    if workers == 1 or getattr(learner, "uses_task_batching", lambda device: False)(torch.device("cpu")):
+        return workers
+    return 1
+
+
+def live_rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """``rel_err`` over the parameters whose reference gradient ``b`` is not zero to rounding
+    (‖b_p‖ > 1e-10 ‖b‖). The others are Conv-4's conv biases, which BatchNorm subtracts again:
+    their exact meta-gradient is 0 and their float32 one is rounding noise (up to ~1e-4 ‖b‖)."""
+    total = sum(float((y.double() ** 2).sum()) for y in b) ** 0.5
+    keep = [float(y.double().norm()) > 1e-10 * total for y in b]
+    return rel_err([x for x, k in zip(a, keep) if k], [y for y, k in zip(b, keep) if k])
+
+
+def check_float32(make: Callable[[torch.dtype], Any], ep: Any, workers: int, what: str, tol: float = 1e-4) -> str:
+    """Assert that bilevel's float32 meta-gradient matches float64, before float32 is timed.
+
+    Per episode of the meta-batch (on the intra-op threads it gets in the timed step), the
+    relative error ``live_rel_err(g32, g64)``; the assertion is on their median, ≤ ``tol``.
+    Per episode, because the meta-batch's gradients partly cancel (the mean is shorter than
+    each), which magnifies the relative error of the mean; median, because Conv-4 is piecewise
+    linear: where a max-pooling window holds values tied to within float32 rounding, float32
+    and float64 may take different, equally valid, branches, and that episode's error jumps to
+    ~1e-4..1e-3 (a few episodes in a hundred at 5-way 1-shot; PyTorch's channels_last CPU
+    BatchNorm kernel made it nearly every episode).
+
+    If the median exceeds ``tol``, the float64 meta-gradient's own sensitivity is measured: the
+    median over episodes of its change when the parameters are perturbed by 3e-7 relative (a few
+    float32 roundings; float32 Conv-4 activations carry 3e-7..1.4e-6 relative error). If that too
+    exceeds ``tol`` the configuration is ill-conditioned at float32 precision — no float32
+    implementation can meet ``tol`` (measured: MAML 20-way 1-shot with 5 inner steps, 2.9e-4;
+    5-way 1-shot with 1 step, 2e-6) — and the summary says so with both numbers instead of
+    failing. Otherwise the float32 path is inaccurate: ``AssertionError``.
+
+    Returns:
+        a one-line summary to print.
+    """
+    def grads(learner: Any, e: Any) -> list[torch.Tensor]:
+        loss, _ = learner.meta_loss(e)
+        gs = torch.autograd.grad(loss, list(learner.parameters()), allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(learner.parameters(), gs)]
+
+    def episode(e: Any, j: int, dtype: torch.dtype) -> Any:
+        return type(e)(*(t[j:j + 1].to(dtype) if t.is_floating_point() else t[j:j + 1] for t in e))
+
+    l32, l64 = make(torch.float32), make(torch.float64)
+    b = ep.support_x.shape[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(episode_threads(l32, workers))
+    try:
+        refs = [grads(l64, episode(ep, j, torch.float64)) for j in range(b)]
+        errs = [live_rel_err(grads(l32, episode(ep, j, torch.float32)), refs[j]) for j in range(b)]
+    finally:
+        torch.set_num_threads(before)
+    med = statistics.median(errs)
+    summary = f"float32 vs float64: {med:.1e} (median over {b} episodes, max {max(errs):.1e})"
+    if med <= tol:
+        return summary
+    perturbed = make(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.mul_(1 + 3e-7 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    sens = statistics.median(live_rel_err(grads(perturbed, episode(ep, j, torch.float64)), refs[j]) for j in range(b))
+    assert sens > tol, (
+        f"{what}: float32 meta-gradients are {med:.1e} (median over {b} episodes) from float64, above {tol:.0e}, "
+        f"while float64 moves by only {sens:.1e} under 3e-7 relative parameter perturbations; per episode: "
+        + ", ".join(f"{e:.1e}" for e in errs))
+    return (f"{summary}: WARNING, above {tol:.0e}, but the configuration is ill-conditioned at float32 precision "
+            f"(float64 itself moves by {sens:.1e}, median, under 3e-7 relative parameter perturbations)")
+
+
 def time_against_higher(make: Callable[[torch.dtype], Any], step_higher: Callable[[Any, Any], list[torch.Tensor]],
-                        ep: Any, threads: int, repeats: int, what: str) -> tuple[float, float, float]:
-    """(bilevel s/it, higher s/it, relative error of the float64 meta-gradients).
+                        ep: Any, threads: int, repeats: int, what: str) -> tuple[float, float, float, str]:
+    """(bilevel s/it, higher s/it, relative error of the float64 meta-gradients, float32 check).
 
     Asserts first that the learner built by ``make(dtype)`` and ``step_higher(learner, ep)`` give
-    the same meta-gradient in float64 (relative error < 1e-4), then times both in float32,
-    interleaved. (Float64 because BatchNorm over the few support images of a 1-shot episode
-    amplifies float32 rounding, whose summation order differs between implementations.)
+    the same meta-gradient in float64 (relative error < 1e-4) and that bilevel's float32
+    meta-gradient matches its float64 one (:func:`check_float32`), then times both in float32,
+    interleaved.
     """
     ep64 = type(ep)(*(t.double() if t.is_floating_point() else t for t in ep))
     err = rel_err(bilevel_step(make(torch.float64), threads)(ep64), step_higher(make(torch.float64), ep64))
     assert err < 1e-4, f"{what}: bilevel and higher meta-gradients differ (relative error {err:.2e})"
+    f32 = check_float32(make, ep, threads, what)
     learner = make(torch.float32)
     ours, peer = bilevel_step(learner, threads), with_threads(threads, step_higher)
     med = interleaved_medians({"bilevel": lambda: ours(ep), "higher": lambda: peer(learner, ep)}, repeats)
-    return med["bilevel"], med["higher"], err
+    return med["bilevel"], med["higher"], err, f32
 
 
 DATA_ROOT = str(Path(__file__).resolve().parents[2] / "shared" / "data")

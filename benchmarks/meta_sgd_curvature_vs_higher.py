@@ -7,7 +7,9 @@ matrices (``grad_callback``). Both loop over the tasks of the meta-batch, as hig
 bilevel runs ``learners.meta_sgd.MetaSGD`` / ``learners.meta_curvature.MetaCurvature``, which
 batch the tasks of a meta-batch into one inner problem when that is faster (MLPs; conv nets on
 accelerators) and loop otherwise (conv nets on CPU). The meta-gradients are checked to agree
-(relative error < 1e-4 over all parameters, in float64) before timing in float32.
+(relative error < 1e-4 over all parameters, in float64), and bilevel's float32 meta-gradient
+against its float64 one (``_common.check_float32``: median per-episode error ≤ 1e-4), before
+timing in float32.
 
     python benchmarks/meta_sgd_curvature_vs_higher.py
 """
@@ -77,8 +79,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {args.threads} threads (higher: intra-op; bilevel: tasks split over "
           f"{args.threads} CPU threads when they loop over tasks)")
-    print("| learner | problem | bilevel s/it | higher s/it | speedup | grad rel. error (float64) |")
-    print("|---|---|---|---|---|---|")
+    print("| learner | problem | bilevel s/it | higher s/it | speedup | grad rel. error (float64) | bilevel float32 vs float64 |")
+    print("|---|---|---|---|---|---|---|")
     headline = None
     for problem, (ep, kwargs) in problems(Path(args.data_root)).items():
         for cls in (MetaSGD, MetaCurvature):
@@ -86,8 +88,8 @@ def main() -> None:
                 torch.manual_seed(0)
                 return cls(**kwargs).to(dtype)
 
-            tb, th, err = time_against_higher(make, step_higher, ep, args.threads, args.repeats, f"{cls.__name__} / {problem}")
-            print(f"| {cls.__name__} | {problem} | {tb:.4f} | {th:.4f} | {th / tb:.2f}x | {err:.1e} |", flush=True)
+            tb, th, err, f32 = time_against_higher(make, step_higher, ep, args.threads, args.repeats, f"{cls.__name__} / {problem}")
+            print(f"| {cls.__name__} | {problem} | {tb:.4f} | {th:.4f} | {th / tb:.2f}x | {err:.1e} | {f32} |", flush=True)
             if cls is MetaSGD and "Conv-4" in problem:  # headline: the MAML benchmark's configuration
                 headline = th / tb
     print(f"speedup vs fastest peer: {headline:.2f}x")

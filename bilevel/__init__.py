@@ -30,7 +30,14 @@ from bilevel.hypergrad import (
 )
 from bilevel.linsolve import CG, DivergenceError, Exact, FixedPoint, LinearSolveInfo, LinearSolver, Neumann
 from bilevel.problem import BilevelProblem
-from bilevel.solve import Hypergradient, HypergradientState, hypergradient, hypergradient_init, solve
+from bilevel.solve import (
+    Hypergradient,
+    HypergradientState,
+    collect_solve_info,
+    hypergradient,
+    hypergradient_init,
+    solve,
+)
 
 __all__ = [
     "__version__",
@@ -49,6 +56,7 @@ __all__ = [
     "GradientDescent",
     "HeavyBall",
     "Hypergradient",
+    "collect_solve_info",
     "HypergradientState",
     "Implicit",
     "InexactHypergradientError",

@@ -20,6 +20,7 @@ run (learner, optimizer, scheduler, sampler position, RNG states of every rank, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Mapping
@@ -125,8 +126,22 @@ class Progress:
 
     iteration: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"mean": None, "iteration": None})
-    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0])  # loss sum, metric sum, count since last row
+    #: since the last log row: loss sum, metric sum, count, worst implicit optimality and linear-solve residuals
+    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0, math.nan, math.nan])
     elapsed: float = 0.0
+
+    def record(self, loss: float, metric: float, residuals: Mapping[str, float]) -> None:
+        """Add one iteration's meta-loss, metric and (implicit strategies') worst residuals to the period."""
+        r = self.running
+        worse = lambda a, b: b if math.isnan(a) or (not math.isnan(b) and b > a) else a  # noqa: E731
+        self.running = [r[0] + loss, r[1] + metric, r[2] + 1, worse(r[3], residuals.get("optimality", math.nan)),
+                        worse(r[4], residuals.get("linear_residual", math.nan))]
+
+    def take_period(self) -> dict[str, float]:
+        """The period's means and worst residuals (a log row); starts a new period."""
+        r = self.running
+        self.running = [0.0, 0.0, 0, math.nan, math.nan]
+        return {"loss": r[0] / r[2], "metric": r[1] / r[2], "optimality": r[3], "linear_residual": r[4]}
 
 
 def json_comparable(d: Mapping[str, Any]) -> Any:

@@ -10,6 +10,7 @@ floating-point summation order), so it composes with every hypergradient strateg
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -93,7 +94,8 @@ class TaskThreads:
                 metrics.append(metric.detach())
             return total_loss, torch.cat(metrics), total
 
-        results = list(self.pool.map(run, range(w)))
+        ctx = contextvars.copy_context()  # each worker runs in a copy: solve-info collectors see its solves
+        results = list(self.pool.map(lambda i: ctx.copy().run(run, i), range(w)))
         grads: list[Tensor | None] = []
         for parts in zip(*(r[2] for r in results)):
             present = [g for g in parts if g is not None]

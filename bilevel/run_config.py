@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from bilevel import options as opts
 from bilevel.data import SinusoidTasks, available_datasets, load_splits, make_sampler
-from bilevel.data.augment import Augment
+from bilevel.data.augment import AUGMENTATIONS, make_augmentation
 from bilevel.data.transforms import example_shape as _example_shape
 from bilevel.options import OptionError, option
 
@@ -37,7 +37,9 @@ class DataConfig:
     train_shots: int | None = option(None, help="K at training time (default: --shots).", min=1)
     train_ways: int | None = option(None, help="N at training time (default: --ways).", min=2)
     meta_batch: int = option(4, help="Episodes per outer step.", min=1)
-    augment: bool = option(False, help="Crop/flip/colour-jitter training images (MetaOptNet).")
+    augment: str = option("none", help="Training-image augmentation: metaoptnet (crop, flip, colour jitter; Lee et "
+                          "al. 2019), affine (rotation, shear, scale, translation; Koch et al. 2015) or both.",
+                          choices=AUGMENTATIONS)
     rotations: bool | None = option(None, help="Omniglot: 90° rotations as new classes.")
     split_by: str | None = option(None, help="Omniglot class split.", choices=("alphabet", "character"))
     options: dict[str, Any] = option(default_factory=dict, help="Other dataset options (Python only).", cli=False)
@@ -134,7 +136,7 @@ def build_samplers(data: DataConfig, seed: int, splits: tuple[str, ...] = ("trai
     regression = isinstance(first, SinusoidTasks)
     ways = None if regression else data.ways
     train_ways = None if regression else (data.train_ways or data.ways)
-    augment = Augment.metaoptnet(int(first.images.shape[-1])) if data.augment and not regression else None
+    augment = None if regression else make_augmentation(data.augment, int(first.images.shape[-1]))
     out: dict[str, Any] = {}
     for split in splits:
         if split == "train":

@@ -16,10 +16,12 @@ from typing import Any
 
 from bilevel._atomic import atomic_write_text
 
-__all__ = ["LOG", "LOG_FIELDS", "RunLog"]
+__all__ = ["LOG", "LOG_FIELDS", "RunLog", "replay_warnings"]
 
 LOG = "log.csv"
-LOG_FIELDS = ["iteration", "split", "loss", "metric", "ci95", "lr", "seconds"]
+#: optimality / linear_residual: the worst certificates of implicit hypergradients since the previous row
+#: (empty for strategies that measure none; see bilevel.Implicit)
+LOG_FIELDS = ["iteration", "split", "loss", "metric", "ci95", "lr", "seconds", "optimality", "linear_residual"]
 
 
 def _kept_rows(path: Path, resume_from: int) -> list[dict[str, str]]:
@@ -71,21 +73,25 @@ class RunLog:
             else:
                 self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_from + 1 if resume_from is not None else None)
 
-    def log(self, iteration: int, split: str, loss: float, metric: float, ci95: float, lr: float, seconds: float,
-            **scalars: float) -> None:
-        """One row; extra ``scalars`` (e.g. implicit residuals) go to TensorBoard only."""
+    def log(self, iteration: int, split: str, *, loss: float = math.nan, metric: float = math.nan,
+            ci95: float = math.nan, lr: float = math.nan, seconds: float = math.nan, optimality: float = math.nan,
+            linear_residual: float = math.nan) -> None:
+        """One row (NaN residuals, i.e. not measured, are written as empty cells)."""
         if not self.enabled:
             return
+        cell = lambda x: "" if math.isnan(x) else f"{x:.3g}"  # noqa: E731
         self.writer.writerow({"iteration": iteration, "split": split, "loss": f"{loss:.6g}", "metric": f"{metric:.6g}",
-                              "ci95": f"{ci95:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}"})
+                              "ci95": f"{ci95:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}",
+                              "optimality": cell(optimality), "linear_residual": cell(linear_residual)})
         self.file.flush()
         if self.tb is not None:
             if not math.isnan(loss):
                 self.tb.add_scalar(f"{split}/loss", loss, iteration)
             self.tb.add_scalar(f"{split}/metric", metric, iteration)
             self.tb.add_scalar("lr", lr, iteration)
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"{split}/{k}", v, iteration)
+            for k, v in (("optimality", optimality), ("linear_residual", linear_residual)):
+                if not math.isnan(v):
+                    self.tb.add_scalar(f"{split}/implicit_{k}", v, iteration)
 
     def close(self) -> None:
         if self.enabled:
@@ -98,3 +104,20 @@ class RunLog:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def replay_warnings(caught: list[warnings.WarningMessage], warned_inexact: bool, iteration: int) -> bool:
+    """Re-emit the warnings one training iteration recorded; an inexact-hypergradient warning only the
+    first time in a run (``warned_inexact`` says whether it was shown). Returns the new ``warned_inexact``."""
+    from bilevel.hypergrad import InexactHypergradientWarning
+
+    for w in caught:
+        if issubclass(w.category, InexactHypergradientWarning):
+            if warned_inexact:
+                continue
+            warned_inexact = True
+            warnings.warn(f"meta-iteration {iteration}: {w.message} (shown once per run; log.csv records the worst "
+                          "residuals of every logged iteration)", InexactHypergradientWarning, stacklevel=3)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return warned_inexact

@@ -1,6 +1,9 @@
 """``solve``: run the inner dynamics and return w_T, differentiable as the strategy says."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import torch
@@ -99,6 +102,9 @@ def solve(
             f"linsolve_init is the initial guess of Implicit()'s linear solve; hypergrad={strategy!r} solves none"
         )
     info = SolveInfo(strategy, steps)
+    collector = _COLLECTOR.get()
+    if collector is not None:
+        collector.append(info)
 
     if isinstance(params0, InnerState):
         state0 = params0.dynamics_state
@@ -128,6 +134,42 @@ def solve(
         state, params = strategy.run(run)
     out: tuple[Any, ...] = (params, *((state,) if return_state else ()), *((info,) if return_info else ()))
     return out if len(out) > 1 else params
+
+
+_COLLECTOR: ContextVar[list[SolveInfo] | None] = ContextVar("bilevel_solve_infos", default=None)
+
+
+@contextmanager
+def collect_solve_info() -> Iterator[list[SolveInfo]]:
+    """Collect the :class:`SolveInfo` of every :func:`solve` called inside the ``with`` block.
+
+    For code that calls ``solve`` out of sight (a meta-learner's forward pass), this is how a
+    caller reads the certificates: ``with collect_solve_info() as infos: loss.backward()`` — after
+    the backward pass the infos' linear-solve fields are filled in too. The collection is
+    explicit and scoped (a context variable; worker threads that run in a copy of the context,
+    as :class:`bilevel.parallel.TaskThreads` does, add to the same list).
+
+    Yields:
+        The list the infos are appended to, in call order.
+    """
+    infos: list[SolveInfo] = []
+    token = _COLLECTOR.set(infos)
+    try:
+        yield infos
+    finally:
+        _COLLECTOR.reset(token)
+
+
+def worst_residuals(infos: list[SolveInfo]) -> dict[str, float]:
+    """The largest optimality and linear-solve residuals among ``infos`` (keys absent if none was measured)."""
+    out: dict[str, float] = {}
+    opt = [i.optimality for i in infos if i.optimality is not None]
+    lin = [i.linear.residual for i in infos if i.linear is not None]
+    if opt:
+        out["optimality"] = max(opt)
+    if lin:
+        out["linear_residual"] = max(lin)
+    return out
 
 
 def _anything_to_differentiate(run: Run) -> bool:
@@ -249,4 +291,5 @@ def hypergradient(
     return result, HypergradientState(inner, info.linear_solution if warm_u else None)
 
 
-__all__ = ["Hypergradient", "HypergradientState", "InnerState", "SolveInfo", "hypergradient", "hypergradient_init", "solve"]
+__all__ = ["Hypergradient", "HypergradientState", "InnerState", "SolveInfo", "collect_solve_info", "hypergradient",
+           "hypergradient_init", "solve", "worst_residuals"]

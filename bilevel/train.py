@@ -12,20 +12,17 @@
 Validation, test and ``bilevel <method> eval`` use the one evaluator
 (:func:`bilevel.evaluation.evaluate_learner`).
 
-Data parallelism (:mod:`bilevel.distributed`): under ``torchrun`` (or ``--nproc``) ``fit``
-creates the process group (gloo on CPU, NCCL on GPU). Meta-batch ``it`` is the same on every
-rank (episodes depend only on the seed, the iteration and the episode index); rank r takes
-episodes [r·B/W, (r+1)·B/W) and the meta-gradients are averaged with one all-reduce after the
-outer backward (:func:`meta_gradient`), so W ranks follow the same trajectory as one process
-(up to floating-point summation order). Only rank 0 touches ``out``: it writes every file and
-reads the checkpoint to resume, then broadcasts it (no shared file system needed). A run is
-resumed with the number of processes that wrote it.
+Data parallelism (:mod:`bilevel.distributed`): under ``torchrun`` (or ``--nproc``) rank r takes
+episodes [r·B/W, (r+1)·B/W) of the same meta-batch and the meta-gradients are averaged after the
+outer backward (:func:`meta_gradient`), so W ranks follow one process's trajectory; only rank 0
+touches ``out``. A run is resumed with the number of processes that wrote it.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,13 +39,15 @@ from bilevel.data.synthetic import seed_from
 from bilevel.distributed import broadcast_module, broadcast_object, init_from_env, leave_group, on_rank0
 from bilevel.distributed import world as _world
 from bilevel.evaluation import evaluate_learner, evaluate_model
+from bilevel.hypergrad import InexactHypergradientWarning
 from bilevel.io import read_torch_file, save_learner
 from bilevel.learner import MetaLearner
 from bilevel.options import OptionError
 from bilevel.parallel import TaskThreads, meta_gradient
 from bilevel.run_config import DataConfig, PiecewiseLR, Samplers, TrainConfig, build_samplers
 from bilevel.run_folder import RunFolder
-from bilevel.run_log import RunLog
+from bilevel.run_log import RunLog, replay_warnings
+from bilevel.solve import collect_solve_info, worst_residuals
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -186,7 +185,8 @@ def _fit(name: str, cls: type[MetaLearner], config: Any, data: DataConfig, cfg: 
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                              weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, PiecewiseLR(cfg.lr_schedule))
     identity = _identity(name, learner, data, cfg, world)
 
@@ -222,6 +222,7 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
 
         bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"train {type(learner).__name__}", dynamic_ncols=True)
     checkpointed = state.iteration or None
+    warned_inexact = False
     t_start, elapsed0 = time.perf_counter(), state.elapsed
     last_val: dict[str, Any] | None = None
     metric_name = "mse" if learner.task == "regression" else "acc"
@@ -231,7 +232,10 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
         for it in range(state.iteration, cfg.iterations):
             samplers.train.iteration = it
             episodes = samplers.train.sample(it, indices=share).to(device)
-            stats = meta_gradient(learner, episodes, params, threads)
+            with collect_solve_info() as infos, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", InexactHypergradientWarning)
+                stats = meta_gradient(learner, episodes, params, threads)
+            warned_inexact = replay_warnings(caught, warned_inexact, it + 1)
             if not math.isfinite(float(stats[0])):  # the mean over all ranks: every rank stops here
                 what = ("an inner loss is not finite" if math.isinf(float(stats[0])) and math.isnan(float(stats[1]))
                         else f"the meta-loss is {float(stats[0])}")
@@ -244,21 +248,17 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
             done = it + 1
             state.iteration = done
             state.elapsed = elapsed0 + time.perf_counter() - t_start
-            r = state.running
-            state.running = [r[0] + float(stats[0]), r[1] + float(stats[1]), r[2] + 1]
+            state.record(float(stats[0]), float(stats[1]), worst_residuals(infos))  # implicit certificates too
             lr = opt.param_groups[0]["lr"]
             if done % cfg.log_every == 0 or done == cfg.iterations:
-                mean_loss, mean_metric = state.running[0] / state.running[2], state.running[1] / state.running[2]
-                log.log(done, "train", mean_loss, mean_metric, math.nan, lr, state.elapsed)
+                row = state.take_period()
+                log.log(done, "train", lr=lr, seconds=state.elapsed, **row)
                 if bar is not None:
-                    post = {"loss": f"{mean_loss:.4f}", metric_name: f"{mean_metric:.4f}"}
-                    if last_val is not None:
-                        post["val"] = f"{last_val['mean']:.4f}"
-                    bar.set_postfix(post)
-                state.running = [0.0, 0.0, 0]
+                    bar.set_postfix({"loss": f"{row['loss']:.4f}", metric_name: f"{row['metric']:.4f}",
+                                     **({"val": f"{last_val['mean']:.4f}"} if last_val is not None else {})})
             if done % cfg.val_every == 0 or done == cfg.iterations:
                 last_val = evaluate_learner(learner, samplers.val, cfg.val_episodes, device=device)
-                log.log(done, "val", math.nan, last_val["mean"], last_val["ci95"], lr, state.elapsed)
+                log.log(done, "val", metric=last_val["mean"], ci95=last_val["ci95"], lr=lr, seconds=state.elapsed)
                 if math.isfinite(last_val["mean"]) and _is_better(last_val["mean"], state.best["mean"], learner.task):
                     state.best = {**last_val, "iteration": done}
                     if rank == 0:

@@ -219,3 +219,43 @@ def test_dataset_to_device_keeps_episodes(glyphs):
     assert a.support_x.device.type == dev and a.query_y.device.type == dev
     for x, y in zip(a.to("cpu"), b):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_affine_distortions_are_seeded_pure_and_exact_at_the_identity(glyphs):
+    from bilevel.data import Affine, Compose, make_augmentation
+
+    aug = make_augmentation("affine", 28)
+    assert isinstance(aug, Affine) and aug.translation == pytest.approx(2 * 28 / 105)
+    s = EpisodeSampler(glyphs["train"], 5, 2, 2, meta_batch=6, seed=0, augment=aug)
+    full = s.sample(3)
+    part = s.sample(3, indices=[4, 1])  # rank shares: the same episodes, augmentation included
+    assert torch.equal(part.support_x, full.support_x[[4, 1]]) and torch.equal(part.query_x, full.query_x[[4, 1]])
+    plain = EpisodeSampler(glyphs["train"], 5, 2, 2, meta_batch=6, seed=0).sample(3)
+    assert torch.equal(full.support_y, plain.support_y)  # same classes and examples, distorted pixels
+    assert not torch.equal(full.support_x, plain.support_x)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 28, 28)
+    params = Affine(p=0.0).sample_params(4, g)  # every component off: the identity (up to float rounding)
+    torch.testing.assert_close(Affine().apply(x, params), x, atol=1e-5, rtol=0)
+    shift = {**params, "shift_x": torch.full((4,), 3.0, dtype=torch.float64)}
+    torch.testing.assert_close(Affine().apply(x, shift)[..., 3:], x[..., :-3])  # 3 pixels to the right
+    rot = {**params, "theta": torch.full((4,), math.pi / 2, dtype=torch.float64)}
+    torch.testing.assert_close(Affine().apply(x, rot), torch.rot90(x, -1, dims=(-2, -1)), atol=1e-5, rtol=0)
+    both = Compose((Affine(), make_augmentation("metaoptnet", 28)))
+    assert set(both.sample_params(2, g)) >= {"0.theta", "1.crop"}
+    with pytest.raises(ValueError, match="augment must be one of"):
+        make_augmentation("elastic", 28)
+
+
+def test_augment_option_at_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from bilevel.cli import main
+
+    r = CliRunner().invoke(main, ["maml", "train", "--dataset", "glyphs", "--ways", "3", "--shots", "1", "--queries", "2",
+                                  "--meta-batch", "2", "--filters", "4", "--iterations", "2", "--val-every", "2",
+                                  "--val-episodes", "2", "--test-episodes", "2", "--augment", "affine", "--no-progress",
+                                  "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["maml", "train", "--augment", "elastic", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "augment must be one of none, metaoptnet, affine" in r.output

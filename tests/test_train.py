@@ -196,3 +196,25 @@ def test_evaluation_episodes_do_not_depend_on_the_meta_batch():
         s = build_samplers(DataConfig(dataset="sinusoid", shots=5, queries=5, meta_batch=meta_batch), seed=1, splits=("test",))
         results.append(evaluate_learner(learner, s.test, 10, chunk=chunk))
     assert results[0] == results[1] and results[0]["episodes"] == 10
+
+
+def test_fit_logs_implicit_residuals_and_warns_once(tmp_path):
+    """An unconverged implicit hypergradient: one warning for the run, the residuals of every logged row in log.csv."""
+    import csv
+    import warnings
+
+    from bilevel.hypergrad import InexactHypergradientWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit("hyper-repr", {"hypergrad": "implicit-cg:20", "l2": 0.5, "inner_steps": 20, "filters": 4},
+            DataConfig(dataset="glyphs", ways=3, shots=1, queries=2, meta_batch=2),
+            TrainConfig(iterations=20, val_every=20, val_episodes=2, test_episodes=2, out=str(tmp_path), progress=False,
+                        tensorboard=False))
+    inexact = [w for w in caught if issubclass(w.category, InexactHypergradientWarning)]
+    assert len(inexact) == 1 and "shown once per run" in str(inexact[0].message)
+    rows = [r for r in csv.DictReader(open(tmp_path / "log.csv")) if r["split"] == "train"]
+    assert len(rows) == 2 and all(0.001 < float(r["optimality"]) < 1 for r in rows)
+    assert all(0 <= float(r["linear_residual"]) < 1 for r in rows)
+    plain = [r for r in csv.DictReader(open(tmp_path / "log.csv")) if r["split"] == "val"]
+    assert all(r["optimality"] == "" for r in plain)

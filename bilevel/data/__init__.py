@@ -11,7 +11,7 @@ Datasets: ``omniglot`` (official + reduced background sets), ``mini-imagenet`` (
 pickles or Ravi CSV + JPEG), ``tiered-imagenet``, ``cifar-fs``, ``fc100``, ``sinusoid`` and the
 offline default ``glyphs`` (procedural; see :mod:`bilevel.data.synthetic`).
 """
-from bilevel.data.augment import Augment, Augmentation, TorchvisionAugment
+from bilevel.data.augment import Affine, Augment, Augmentation, Compose, TorchvisionAugment, make_augmentation
 from bilevel.data.base import (
     SPLITS,
     DatasetNotFoundError,
@@ -44,8 +44,10 @@ __all__ = [
     "DEFAULT_DATASET",
     "SPLITS",
     "TRANSFORM_PRESETS",
+    "Affine",
     "Augment",
     "Augmentation",
+    "Compose",
     "DatasetNotFoundError",
     "EpisodePlan",
     "EpisodeSampler",
@@ -55,6 +57,7 @@ __all__ = [
     "SinusoidSampler",
     "SinusoidTasks",
     "TorchvisionAugment",
+    "make_augmentation",
     "available_datasets",
     "build_transform",
     "default_cache_dir",

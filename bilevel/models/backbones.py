@@ -29,11 +29,26 @@ __all__ = [
 ]
 
 
-def to_channels_last(x: Tensor) -> Tensor:
-    """``x`` in channels_last memory format (same values), except inside torch.func transforms,
-    whose batched tensors do not support memory formats (returned unchanged)."""
+def activation_layout(x: Tensor) -> Tensor:
+    """``x`` (same values) in the memory format the backbones keep their activations in.
+
+    Invariant: the result equals ``x``; only the layout changes. On CPU it is the contiguous
+    (NCHW) format: PyTorch's CPU BatchNorm kernel for ``channels_last`` inputs (torch 2.x)
+    accumulates the batch statistics and the backward sums serially in float32, one addition
+    per example and pixel (N·H·W of them per channel and thread), which loses ~1e-5 relative
+    precision on a 28×28 Omniglot batch where the contiguous kernel accumulates in float64
+    (~1e-7). Through the max-pooling windows (near-ties are common on Omniglot's flat
+    background) that error flipped pooling decisions and made float32 MAML meta-gradients ~1%
+    wrong on one intra-op thread (``tests/test_float32_accuracy.py``). On accelerators the
+    activations stay ``channels_last`` as before (the accuracy study above is CPU-only), except
+    inside torch.func transforms, whose batched tensors do not support memory formats.
+    """
+    if x.dim() != 4:
+        return x
+    if x.device.type == "cpu":
+        return x.contiguous()
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    if x.dim() != 4 or (wrapped is not None and wrapped(x)):
+    if wrapped is not None and wrapped(x):
         return x
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -118,15 +133,16 @@ class Conv4(nn.Module):
 
         ``episodes=E``: x holds E episodes of M/E images each, normalised per episode (one
         pass through the shared weights embeds a whole meta-batch; see
-        :func:`bilevel.models.layers.apply_norm`). Activations are kept in ``channels_last``
-        memory format outside ``torch.func`` transforms: the same values, but BatchNorm and
-        max-pooling kernels are several times faster on CPU.
+        :func:`bilevel.models.layers.apply_norm`). Activations are kept in the layout of
+        :func:`activation_layout`: contiguous on CPU (accurate float32 BatchNorm),
+        ``channels_last`` on accelerators.
         """
         _check_images(x, self.in_channels, "Conv4", episodes)
+        x = activation_layout(x)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = conv(x)
             if i == 0:
-                h = to_channels_last(h)
+                h = activation_layout(h)
             x = apply_norm(norm, h, step, episodes).relu()
             if self.pool == "max":
                 x = nn.functional.max_pool2d(x, 2)
@@ -213,10 +229,10 @@ class ResNet12(nn.Module):
     def forward(self, x: Tensor, step: int | None = None, drop_rate: float | None = None,
                 episodes: int | None = None) -> Tensor:
         """[M, C, H, W] -> [M, out_features]; ``episodes=E``: per-episode BatchNorm statistics
-        (see :meth:`Conv4.forward`); activations in ``channels_last`` outside torch.func."""
+        (see :meth:`Conv4.forward`); activations in the layout of :func:`activation_layout`."""
         _check_images(x, self.in_channels, "ResNet12", episodes)
         rate = self.drop_rate if drop_rate is None else drop_rate
-        x = to_channels_last(x) if x.shape[1] > 1 else x
+        x = activation_layout(x)
         for blk in self.blocks:
             x = blk(x, step, rate, episodes)
         return x.flatten(1)

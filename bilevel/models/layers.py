@@ -95,7 +95,7 @@ def episode_batch_norm(x: Tensor, episodes: int, weight: Tensor | None, bias: Te
     m = x.shape[0]
     if m % episodes:
         raise ValueError(f"a batch of {m} examples cannot hold {episodes} episodes of equal size")
-    # one fused batch_norm per episode (the slices of a channels_last batch stay channels_last)
+    # one fused batch_norm per episode (the slices keep the batch's memory format)
     return torch.cat([F.batch_norm(t, None, None, weight, bias, True, 0.0, eps) for t in x.split(m // episodes)])
 
 

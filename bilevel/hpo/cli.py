@@ -11,25 +11,21 @@ Exit codes (as every ``bilevel`` command): 0 success; 1 run error (e.g. the inne
 file could not be written); 2 usage error (a bad option, naming it; data not found); 130
 interrupted.
 
-The command line (:mod:`bilevel.cli`) sits above ``bilevel.hpo`` in the import layers, so this
-module does not import it: :func:`hpo_group` receives the command line's option machinery
-(:class:`CLITools`) and ``bilevel.cli`` attaches the result (``main.add_command(hpo_group(...))``).
+The shared command-line machinery (generated options, ``--config``, errors to messages and exit
+codes) is :mod:`bilevel.cli_common`; ``bilevel.cli`` attaches :data:`hpo` to the ``bilevel`` group.
 """
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import click
 
+from bilevel.cli_common import EPILOG, apply_options, config_option, declared_options, errors_to_messages
 from bilevel.hpo import TASKS, run
 from bilevel.options import OptionError, from_text
 
-__all__ = ["TASK_HELP", "CLITools", "hpo_group", "task_command"]
+__all__ = ["TASK_HELP", "hpo", "task_command"]
 
 #: one-line help of each task's command.
 TASK_HELP = {
@@ -39,29 +35,12 @@ TASK_HELP = {
 }
 
 
-@dataclass(frozen=True)
-class CLITools:
-    """The command line's option machinery (:mod:`bilevel.cli` passes its own).
-
-    Attributes:
-        declared_options: ``cls -> [click option decorator]``, one per declared CLI field.
-        config_option: the ``--config FILE`` option (file keys become the options' defaults).
-        errors_to_messages: ``() -> context manager`` turning library errors into a message and exit code.
-        epilog: text shown under every command's help (the exit codes).
-    """
-
-    declared_options: Callable[[type], list[Callable[..., Any]]]
-    config_option: Callable[..., Any]
-    errors_to_messages: Callable[[], AbstractContextManager[None]]
-    epilog: str = ""
-
-
-def task_command(task: str, tools: CLITools) -> click.Command:
+def task_command(task: str) -> click.Command:
     """The ``bilevel hpo TASK`` command, its options generated from ``TASKS[task]``'s config class."""
     cls = TASKS[task][0]
 
     def command(**given: Any) -> None:
-        with tools.errors_to_messages():
+        with errors_to_messages():
             config = from_text(cls, {"out": f"runs/hpo-{task}", **{k: v for k, v in given.items() if v is not None}})
             try:
                 metrics = run(config)
@@ -73,19 +52,15 @@ def task_command(task: str, tools: CLITools) -> click.Command:
         click.echo(json.dumps(scalars, indent=2))
         click.echo(f"wrote {config.out}/metrics.json")
 
-    options = [tools.config_option, *tools.declared_options(cls)]
     help_text = f"{TASK_HELP[task]} Writes OUT/log.csv, OUT/metrics.json and PNG plots."
-    decorated = functools.reduce(lambda f, option: option(f), reversed(options), command)
-    return click.command(task, help=help_text, short_help=TASK_HELP[task], epilog=tools.epilog)(decorated)
+    decorated = apply_options([config_option, *declared_options(cls)], command)
+    return click.command(task, help=help_text, short_help=TASK_HELP[task], epilog=EPILOG)(decorated)
 
 
-def hpo_group(tools: CLITools) -> click.Group:
-    """The ``bilevel hpo`` group: one command per task of :data:`bilevel.hpo.TASKS`."""
+@click.group("hpo")
+def hpo() -> None:
+    """Gradient-based hyperparameter optimization (Franceschi et al. 2017, 2018)."""
 
-    @click.group("hpo")
-    def hpo() -> None:
-        """Gradient-based hyperparameter optimization (Franceschi et al. 2017, 2018)."""
 
-    for task in sorted(TASKS):
-        hpo.add_command(task_command(task, tools))
-    return hpo
+for _task in sorted(TASKS):
+    hpo.add_command(task_command(_task))

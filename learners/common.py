@@ -28,7 +28,7 @@ class BackboneConfig(LearnerConfig):
     backbone: str | None = option(None, help="Backbone: conv4, conv4-32, resnet12, resnet12-cifar or mlp "
                                   "(default: mlp for vectors, conv4 for images).",
                                   choices=("conv4", "conv4-32", "resnet12", "resnet12-cifar", "mlp"))
-    filters: int | None = option(None, help="Convolution filters of Conv-4 (paper: 64; 32 in the README recipes).", min=1)
+    filters: int | None = option(None, help="Convolution filters of Conv-4 (paper: 64; 32 in the documented Omniglot recipes).", min=1)
     backbone_options: dict[str, Any] = option(default_factory=dict, help="Extra backbone keyword arguments.", cli=False)
 
     def network_options(self) -> dict[str, Any]:

@@ -160,7 +160,8 @@ def simulated_quadratic(
     Args:
         n_inner, n_outer: numbers of inner / outer samples (1024, 1024).
         dim_inner, dim_outer: dimensions of z and x (100, 100).
-        mu_inner, L_*: spectrum bounds, as benchmark_bilevel's ``simulated`` dataset.
+        mu_inner, L_inner_inner, L_inner_outer, L_outer_inner, L_outer_outer, L_cross_inner, L_cross_outer:
+            spectrum bounds, as benchmark_bilevel's ``simulated`` dataset.
         seed: the generator seed (torch; the matrices differ from the benchmark's JAX draw).
         dtype, device: of the stored data and of z₀ = 0, x₀ = −2·1 (the benchmark's start).
 

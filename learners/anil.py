@@ -55,8 +55,8 @@ class ANIL(MetaLearner):
     defaults), ``hypergrad`` (reverse, first-order, truncated:K, checkpointed:K, forward; the
     implicit forms and no-inner are refused: the head's initialisation gets no meta-gradient
     from them), ``batch_tasks`` (``auto``/``always``: the B heads as one batched problem — they
-    are linear, so this is cheap on every device; ``never``: one solve per task), and the
-    backbone options.
+    are linear, so this is cheap on every device; ``never``, and ``auto`` with ``forward``:
+    one solve per task), and the backbone options.
 
     Attributes:
         body: the feature extractor f_θ ([n, *example_shape] -> [n, d]).
@@ -100,11 +100,15 @@ class ANIL(MetaLearner):
     def adapt_heads(self, features: Tensor, targets: Tensor, steps: int) -> dict[str, Tensor]:
         """The B adapted heads {weight [B, N, d], bias [B, N]} after ``steps`` GD steps from w_0.
 
-        ``batch_tasks="never"`` solves one task at a time (the same result: the summed loss is
-        block-diagonal in the heads).
+        ``batch_tasks="never"`` (and ``"auto"`` with ``Forward()``, whose cost grows with the
+        number of differentiated entries) solves one task at a time: the same result, the summed
+        loss being block-diagonal in the heads.
         """
         dynamics = bl.GradientDescent(lr=self.config.inner_lr)
-        if self.config.batch_tasks == "never" and features.shape[0] > 1:
+        mode = self.config.batch_tasks
+        # forward mode carries one tangent per differentiated entry: B times more when the tasks are stacked
+        per_task = mode == "never" or (mode == "auto" and isinstance(self.strategy, bl.Forward))
+        if per_task and features.shape[0] > 1:
             heads = [self.adapt_heads(features[j:j + 1], targets[j:j + 1], steps) for j in range(features.shape[0])]
             return {k: torch.cat([h[k] for h in heads]) for k in heads[0]}
         b = features.shape[0]

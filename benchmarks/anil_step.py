@@ -78,7 +78,8 @@ def main() -> None:
         assert errors[0] < 1e-8 and errors[1] < 1e-3, f"ANIL meta-gradient differs from the unroll: {errors}"
         torch.manual_seed(0)
         anil, maml = ANIL(**kw), MAML(**kw)
-        med = interleaved_medians({"anil": lambda: step_of(anil)(ep), "maml": lambda: step_of(maml)(ep)}, args.repeats)
+        steps_of = {"anil": step_of(anil), "maml": step_of(maml)}
+        med = interleaved_medians({k: (lambda f=f, e=ep: f(e)) for k, f in steps_of.items()}, args.repeats)
         speedups.append(med["maml"] / med["anil"])
         print(f"| {ways} | {steps} | {meta_batch} | {med['anil']:.3f} | {med['maml']:.3f} | {speedups[-1]:.2f}x | "
               f"{errors[0]:.1e} / {errors[1]:.1e} |", flush=True)

@@ -127,3 +127,22 @@ def test_cli_train_load_predict(tmp_path, dataset, extra) -> None:
     r = CliRunner().invoke(main, ["reptile", "train", "--dataset", dataset, "--hypergrad", "reverse",
                                   "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "No such option '--hypergrad'" in r.output
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # iMAML's true residual warnings on this unconverged sinusoid
+@pytest.mark.parametrize("method", ["reptile", "imaml", "anil"])
+def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path, method) -> None:
+    """The three new learners through the shared loop's checkpoints: 2 + 2 iterations == 4 (bitwise)."""
+    args = [method, "train", "--dataset", "sinusoid", "--shots", "5", "--queries", "5", "--meta-batch", "2",
+            "--val-every", "2", "--val-episodes", "2", "--test-episodes", "2", "--checkpoint-every", "2",
+            "--inner-lr", "0.01", "--inner-steps", "3", "--no-progress", "--no-tensorboard"]
+    runner = CliRunner()
+    assert runner.invoke(main, [*args, "--iterations", "2", "--out", str(tmp_path / "a")]).exit_code == 0
+    halfway = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["learner"]
+    r = runner.invoke(main, [*args, "--iterations", "4", "--out", str(tmp_path / "a"), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(main, [*args, "--iterations", "4", "--out", str(tmp_path / "b")]).exit_code == 0
+    a, b = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=True) for x in ("a", "b"))
+    assert a["iteration"] == b["iteration"] == 4
+    assert all(torch.equal(a["learner"][k], b["learner"][k]) for k in b["learner"])
+    assert not all(torch.equal(a["learner"][k], v) for k, v in halfway.items())  # iterations 3-4 did train

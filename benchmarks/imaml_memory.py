@@ -7,8 +7,9 @@ its proximal inner problem, so nothing of the T inner steps is recorded; MAML
 one thread. Each (learner, T) runs in a fresh subprocess: one warm-up meta-iteration, the
 median time of ``--repeats`` meta-iterations (meta-loss + gradient), then one under
 ``torch.profiler`` for memory. "peak MB" is the peak of the bytes held in tensors during the
-meta-iteration above those held before (``_common.tensor_peak_mb``); "RSS MB" the growth of the
-process's peak resident set in a timed pass (``_common.peak_memory_mb``).
+meta-iteration above those held before (``_common.tensor_peak_mb``). (The resident set is not
+reported: after the warm-up and timed passes the C allocator already holds the pages, so its
+growth says nothing about the pass.)
 
 Before measuring, the implicit meta-gradient is checked against its closed form
 (I + H/λ)⁻¹ ∇E(φ*) on linear regression, in float64 and float32.
@@ -38,7 +39,7 @@ from learners.imaml import IMAML  # noqa: E402
 from learners.maml import MAML  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_run_options, image_dataset, peak_memory_mb, tensor_peak_mb  # noqa: E402
+from _common import add_run_options, image_dataset, tensor_peak_mb  # noqa: E402
 
 LEARNERS = ("MAML Reverse()", "iMAML Implicit(CG(20))")
 
@@ -66,10 +67,9 @@ def run_one(name: str, steps: int, episode_file: str, threads: int, repeats: int
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    rss = peak_memory_mb(step)
     peak = tensor_peak_mb(step)
     norm = float(sum((g.double() ** 2).sum() for g in grads) ** 0.5)
-    return {"seconds": statistics.median(times), "peak_mb": peak, "rss_mb": rss, "grad_norm": norm}
+    return {"seconds": statistics.median(times), "peak_mb": peak, "grad_norm": norm}
 
 
 def check_closed_form() -> dict[str, float]:
@@ -113,8 +113,8 @@ def main() -> None:
           f"inner step 0.1, torch {torch.__version__}, {args.threads} thread(s)")
     print(f"# implicit meta-gradient vs closed form (linear regression): relative error {errors['float64']:.1e} "
           f"(float64), {errors['float32']:.1e} (float32)")
-    print("| T | learner | peak MB | RSS MB | s / meta-iteration | grad norm |")
-    print("|---|---|---|---|---|---|")
+    print("| T | learner | peak MB | s / meta-iteration | grad norm |")
+    print("|---|---|---|---|---|")
     results: dict[tuple[str, int], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         episode_file = str(Path(tmp) / "episodes.pt")
@@ -125,8 +125,7 @@ def main() -> None:
                                       "--threads", str(args.threads), "--repeats", str(args.repeats)],
                                      capture_output=True, text=True, check=True)
                 r = results[name, steps] = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"| {steps} | {name} | {r['peak_mb']:.1f} | {r['rss_mb']:.0f} | {r['seconds']:.3f} | "
-                      f"{r['grad_norm']:.4g} |", flush=True)
+                print(f"| {steps} | {name} | {r['peak_mb']:.1f} | {r['seconds']:.3f} | {r['grad_norm']:.4g} |", flush=True)
     lo, hi = min(args.steps), max(args.steps)
     for name in LEARNERS:
         ratio = results[name, hi]["peak_mb"] / results[name, lo]["peak_mb"]

@@ -11,9 +11,10 @@ fed as a meta-"gradient": ``meta_loss`` is a surrogate whose gradient is exactly
 
     g = 1/B Σ_j (θ − φ_T^j),
 
-so an outer optimiser step θ ← θ − β g is the paper's update with ε = β. With plain SGD (no
-momentum) the outer learning rate *is* the paper's ε; with Adam (this project's default outer
-optimiser) the direction is rescaled per coordinate, as in most Reptile implementations.
+so an outer optimiser step θ ← θ − β g is the paper's update with ε = β. With plain SGD
+(``--optimizer sgd --momentum 0 --outer-lr ε``) the outer learning rate *is* the paper's ε;
+with Adam (this project's default outer optimiser, 10⁻³) the direction is rescaled per
+coordinate, as in most Reptile implementations.
 
 Training data of a task (``inner_set``): the paper's few-shot tasks have no query set at
 meta-training time (the inner loop trains on all the "training shots" of the task, §6 and

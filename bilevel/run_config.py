@@ -42,6 +42,8 @@ class DataConfig:
                           choices=AUGMENTATIONS)
     rotations: bool | None = option(None, help="Omniglot: 90° rotations as new classes.")
     split_by: str | None = option(None, help="Omniglot class split.", choices=("alphabet", "character"))
+    within_alphabet: bool = option(False, help="Validation and test episodes draw their N classes from one alphabet "
+                                   "(Omniglot; Lake et al. 2015's within-alphabet protocol); training episodes do not.")
     options: dict[str, Any] = option(default_factory=dict, help="Other dataset options (Python only).", cli=False)
 
     def __post_init__(self) -> None:
@@ -144,7 +146,8 @@ def build_samplers(data: DataConfig, seed: int, splits: tuple[str, ...] = ("trai
                                       queries=data.queries, meta_batch=data.meta_batch, seed=seed, augment=augment)
         else:  # evaluation streams are indexed by episode (meta_batch 1): independent of --meta-batch
             out[split] = make_sampler(ds[split], ways=ways, shots=data.shots, queries=data.queries,
-                                      meta_batch=1, seed=seed + {"val": 1, "test": 2}[split])
+                                      meta_batch=1, seed=seed + {"val": 1, "test": 2}[split],
+                                      within_alphabet=data.within_alphabet)
     spec = first.transform
     shape = list(_example_shape(spec)) if not regression else [1]
     return Samplers(out.get("train"), out.get("val"), out.get("test"), shape, dict(spec),

@@ -11,7 +11,10 @@ LEARNERS: dict[str, str] = {
     "meta-curvature": "learners.meta_curvature:MetaCurvature",
     "meta-lstm": "learners.meta_lstm:MetaLSTM",
     "hyper-repr": "learners.hyper_repr:HyperRepr",
+    "anil": "learners.anil:ANIL",
+    "imaml": "learners.imaml:IMAML",
     "metaoptnet": "learners.metaoptnet:MetaOptNet",
+    "reptile": "learners.reptile:Reptile",
 }
 
 __all__ = ["LEARNERS"]

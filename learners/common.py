@@ -6,6 +6,7 @@ only say which dynamics and which hparams (Franceschi et al. 2018, §3, "learnin
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,18 +41,28 @@ class BackboneConfig(LearnerConfig):
 
 
 @dataclass(frozen=True)
-class GradientConfig(BackboneConfig):
-    """Options of the learners that adapt a whole network with gradient steps (θ = w_0)."""
+class InnerLoopConfig(BackboneConfig):
+    """Options of the learners that adapt a whole network with T inner steps from θ = w_0."""
 
     inner_steps: int = option(1, help="Inner steps T at training time.", min=1)
     eval_steps: int | None = option(None, help="Inner steps at test time (default: --inner-steps).", min=1, eval=True)
-    hypergrad: bl.Strategy = option(bl.Reverse(), help="Hypergradient strategy: reverse, first-order, truncated:K, "
-                                    "checkpointed:K, forward, … (bilevel.hypergrad.from_string).")
     batch_tasks: str = option("auto", help="Solve the tasks of a meta-batch as one batched problem: auto (MLPs, "
                               "and convolutions off CPU), always or never.", choices=("auto", "always", "never"))
 
+
+@dataclass(frozen=True)
+class GradientConfig(InnerLoopConfig):
+    """Options of the learners whose meta-gradient is a hypergradient of the inner solve (θ = w_0)."""
+
+    hypergrad: bl.Strategy = option(bl.Reverse(), help="Hypergradient strategy: reverse, first-order, truncated:K, "
+                                    "checkpointed:K, forward, … (bilevel.hypergrad.from_string).")
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_hypergrad()
+
+    def check_hypergrad(self) -> None:
+        """Refuse the strategies that give this method no meaningful meta-gradient (raise OptionError)."""
         if isinstance(self.hypergrad, (bl.Implicit, bl.NoInner)):
             raise OptionError("hypergrad", f"hypergrad={self.hypergrad!r} gives the initialisation θ no meta-gradient: the inner solution of a learner "
                               "adapted from θ does not depend on θ implicitly, and no-inner drops dw_T/dθ. Use "
@@ -79,6 +90,37 @@ def make_network(backbone: str | None, example_shape: Sequence[int], ways: int |
     if head:
         opts["n_classes"] = int(ways)
     return build_backbone(backbone or ("conv4" if head else "conv4-32"), in_channels=int(c), image_size=int(h), **opts)
+
+
+def summed_task_losses(pred: Tensor, y: Tensor, task: str) -> Tensor:
+    """Σ_j L_j over B tasks: per-task mean cross-entropy of logits [B, n, N] against labels [B, n],
+    or per-task mean squared error of predictions [B, n, out] against targets of that shape.
+
+    Its gradient w.r.t. task j's own parameters is ∇L_j: the tasks of a batched inner problem
+    do not interact (block-diagonal Hessian).
+    """
+    if task == "regression":
+        # written out: F.mse_loss's double backward breaks under torch.func.jvp (Forward strategy) in torch 2.x
+        return ((pred - y) ** 2).flatten(1).mean(1).sum()
+    b, n, k = pred.shape
+    return F.cross_entropy(pred.reshape(b * n, k), y.reshape(b * n), reduction="sum") / n
+
+
+def episode_features(net: nn.Module, x: Tensor) -> Tensor:
+    """``net`` on each of B episodes separately: [B, n, *example_shape] -> [B, n, d].
+
+    BatchNorm statistics (``bn="task"``) stay per episode and per call (support and query are
+    embedded by separate calls). On CPU the episodes go through the network one at a time:
+    each episode's activations stay in cache, which beats one large batch (measured in
+    ``benchmarks/hyper_repr_vs_peers.py``). On accelerators, one pass through the shared network
+    with per-episode statistics (``episodes=B``) when the backbone supports it, else ``vmap``.
+    """
+    b, n = x.shape[:2]
+    if x.device.type == "cpu":
+        return torch.stack([net(x[j]) for j in range(b)])
+    if "episodes" in inspect.signature(net.forward).parameters:
+        return net(x.reshape(b * n, *x.shape[2:]), episodes=b).reshape(b, n, -1)
+    return vmap(net)(x)
 
 
 def param_key(name: str) -> str:
@@ -109,9 +151,11 @@ class GradientLearner(MetaLearner):
     :func:`bilevel.solve` on episode j, so its gradient is the hypergradient w.r.t. θ and λ as
     computed by ``config.hypergrad``.
 
-    Subclasses set ``Config`` (a :class:`GradientConfig`), implement :meth:`dynamics` (Φ) and may
-    add meta-learned tensors to :meth:`hparams`. Options: see :class:`GradientConfig`
-    (``backbone``, ``filters``, ``inner_steps``, ``eval_steps``, ``hypergrad``, ``batch_tasks``).
+    Subclasses set ``Config`` (a :class:`GradientConfig`, or an :class:`InnerLoopConfig` when
+    they override :meth:`inner_strategy`), implement :meth:`dynamics` (Φ) and may add
+    meta-learned tensors to :meth:`hparams` (and change w_0 with :meth:`initial_params`).
+    Options: see :class:`GradientConfig` (``backbone``, ``filters``, ``inner_steps``,
+    ``eval_steps``, ``hypergrad``, ``batch_tasks``).
     """
 
     Config = GradientConfig
@@ -124,7 +168,7 @@ class GradientLearner(MetaLearner):
         self.net = make_network(c.backbone, example_shape, ways, c.network_options())
         self.inner_steps = c.inner_steps
         self.eval_steps = c.eval_steps if c.eval_steps is not None else c.inner_steps
-        self.strategy = c.hypergrad
+        self.strategy = self.inner_strategy()
         self.problem = bl.BilevelProblem(self.task_loss, self.task_loss)
         self.batched_problem = bl.BilevelProblem(self.tasks_loss, self.tasks_loss)
         self._has_conv = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
@@ -152,11 +196,7 @@ class GradientLearner(MetaLearner):
         """Σ_j L(w_j; D_j) over B tasks with stacked params [B, ...]: its gradient w.r.t. the
         stacked params holds the B per-task gradients ∇L(w_j; D_j)."""
         x, y = batch
-        out = self.predict_tasks(params, x)
-        if self.task == "regression":
-            return ((out - y) ** 2).flatten(1).mean(1).sum()
-        b, n, k = out.shape
-        return F.cross_entropy(out.reshape(b * n, k), y.reshape(b * n), reduction="sum") / n
+        return summed_task_losses(self.predict_tasks(params, x), y, self.task)
 
     def uses_task_batching(self, device: torch.device) -> bool:
         """Whether :meth:`forward` runs the B tasks as one batched problem.
@@ -185,9 +225,17 @@ class GradientLearner(MetaLearner):
         """Meta-learned tensors used by the dynamics (λ)."""
         return {}
 
+    def inner_strategy(self) -> bl.Strategy:
+        """How the inner solve is differentiated: ``config.hypergrad`` (overridden by methods without one)."""
+        return self.config.hypergrad
+
+    def initial_params(self) -> dict[str, Tensor]:
+        """w_0 of every task: θ, differentiated through the unrolled dynamics (iMAML: a constant copy)."""
+        return dict(self.net.named_parameters())
+
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int) -> dict[str, Tensor]:
         """w_T for one task (support set [n, ...], labels [n])."""
-        return bl.solve(self.problem, dict(self.net.named_parameters()), self.hparams(), (support_x, support_y),
+        return bl.solve(self.problem, self.initial_params(), self.hparams(), (support_x, support_y),
                         dynamics=self.dynamics(), steps=steps, hypergrad=self.strategy)
 
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, steps: int) -> dict[str, Tensor]:
@@ -197,7 +245,7 @@ class GradientLearner(MetaLearner):
         the summed loss has a block-diagonal Hessian).
         """
         b = support_x.shape[0]
-        params0 = {k: v.expand(b, *v.shape) for k, v in self.net.named_parameters()}
+        params0 = {k: v.expand(b, *v.shape) for k, v in self.initial_params().items()}
         return bl.solve(self.batched_problem, params0, self.hparams(), (support_x, support_y),
                         dynamics=self.dynamics(), steps=steps, hypergrad=self.strategy)
 
@@ -212,4 +260,5 @@ class GradientLearner(MetaLearner):
         return torch.stack(preds)
 
 
-__all__ = ["BackboneConfig", "GradientConfig", "GradientLearner", "StepSizeConfig", "make_network", "param_key", "per_parameter"]
+__all__ = ["BackboneConfig", "GradientConfig", "GradientLearner", "InnerLoopConfig", "StepSizeConfig", "episode_features", "make_network", "param_key",
+           "per_parameter", "summed_task_losses"]

@@ -16,23 +16,25 @@ sinusoid) the ground models are linear least-squares regressors on the features 
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
 
 import bilevel as bl
 from bilevel.data.sampler import Episodes
 from bilevel.hypergrad import Forward, NoInner, Strategy
 from bilevel.learner import MetaLearner
 from bilevel.options import OptionError, option
-from learners.common import BackboneConfig, make_network
+from learners.common import (
+    BackboneConfig,
+    episode_features,
+    make_network,
+    summed_task_losses,
+)
 
 VARIANTS = ("bilevel", "approx", "classic")
 
@@ -116,7 +118,6 @@ class HyperRepr(MetaLearner):
         c = self.config
         self.task = "regression" if ways is None else "classification"
         self.h = make_network(c.backbone, example_shape, ways, c.network_options(), head=False)
-        self._episodes_arg = "episodes" in inspect.signature(self.h.forward).parameters
         buffers = [k for k, _ in self.h.named_buffers()]
         if buffers:
             raise OptionError("backbone", f"the representation must be pure (bn='task' or 'none'); it has buffers {buffers}")
@@ -131,20 +132,9 @@ class HyperRepr(MetaLearner):
 
     # -- the batched ground problems ----------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
-        """h(x) for B episodes at once: [B, n, *example_shape] -> [B, n, d].
-
-        On CPU the episodes go through the network one at a time: each episode's activations
-        stay in cache, which beats one large batch (measured in
-        ``benchmarks/hyper_repr_vs_peers.py``). On accelerators, one pass through the shared
-        representation with per-episode BatchNorm statistics (``episodes=B``) when the
-        backbone supports it, else ``vmap`` over the episodes.
-        """
-        b, n = x.shape[:2]
-        if x.device.type == "cpu":
-            return torch.stack([self.h(x[j]) for j in range(b)])
-        if self._episodes_arg:
-            return self.h(x.reshape(b * n, *x.shape[2:]), episodes=b).reshape(b, n, -1)
-        return vmap(self.h)(x)
+        """h(x) for B episodes at once: [B, n, *example_shape] -> [B, n, d]
+        (:func:`learners.common.episode_features`)."""
+        return episode_features(self.h, x)
 
     @staticmethod
     def ground_predict(params: dict[str, Tensor], features: Tensor) -> Tensor:
@@ -153,12 +143,7 @@ class HyperRepr(MetaLearner):
 
     def inner_loss(self, params: dict[str, Tensor], hparams: dict[str, Tensor], targets: Tensor) -> Tensor:
         """Σ_j [mean_i ℓ(g^j(z_i^j), y_i^j) + (l2/2)‖W^j‖²] with z = ``hparams["features"]``."""
-        pred = self.ground_predict(params, hparams["features"])
-        if self.task == "regression":
-            loss = ((pred - targets) ** 2).flatten(1).mean(1).sum()
-        else:
-            b, n, c = pred.shape
-            loss = F.cross_entropy(pred.reshape(b * n, c), targets.reshape(b * n), reduction="sum") / n
+        loss = summed_task_losses(self.ground_predict(params, hparams["features"]), targets, self.task)
         if self.l2:
             loss = loss + 0.5 * self.l2 * (params["W"] ** 2).sum()
         return loss

@@ -180,7 +180,7 @@ def test_eval_reads_the_data_settings_from_the_model_file(tmp_path):
 def test_options_round_trip_through_json_for_every_builtin_learner():
     from bilevel import options as opts
 
-    for name in ("maml", "meta-sgd", "meta-curvature", "meta-lstm", "hyper-repr", "metaoptnet"):
+    for name in ("maml", "meta-sgd", "meta-curvature", "meta-lstm", "hyper-repr", "metaoptnet", "imaml", "anil", "reptile"):
         cls = get_learner(name).factory
         config = cls.Config()
         assert opts.from_json(cls.Config, json.loads(json.dumps(opts.to_json(config)))) == config, name

@@ -188,7 +188,9 @@ def load_omniglot(
 
     Returns:
         ``{split: FewShotDataset}`` with class names ``"Alphabet/characterNN"`` (``"/rot90"``
-        etc. appended for rotations) and metadata ``alphabets``, ``sets``, ``rotations``.
+        etc. appended for rotations) and metadata ``alphabets`` (the split's, sorted),
+        ``class_alphabets`` (the alphabet of every class, in class order: what
+        ``EpisodeSampler(within_alphabet=True)`` groups by), ``sets``, ``rotations``.
     """
     if split_by not in ("character", "alphabet"):
         raise ValueError(f"split_by must be 'character' or 'alphabet', got {split_by!r}")
@@ -271,6 +273,7 @@ def load_omniglot(
             metadata={
                 "sets": use,
                 "alphabets": sorted({alphabet_of_char[i] for i in members}),
+                "class_alphabets": tuple(name.split("/")[0] for name in names),
                 "characters": len(members),
                 "rotations": rotations,
                 "split_by": split_by,

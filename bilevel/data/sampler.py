@@ -144,7 +144,10 @@ class EpisodeSampler(_PureSampler):
     Invariants: within an episode the N classes are distinct and drawn uniformly without
     replacement; the K + Q examples of a class are distinct, the first K go to the support set
     and the next Q to the query set, so support and query never share an example; the label of
-    a class is its position in a random permutation (labels 0..N-1).
+    a class is its position in a random permutation (labels 0..N-1). With ``within_alphabet``
+    the episode first draws one alphabet uniformly among the split's alphabets, then its N
+    classes uniformly from that alphabet (the within-alphabet one-shot protocol of Lake et al.
+    2015: all N characters of an episode share an alphabet).
 
     Args:
         dataset: one split, e.g. ``load_dataset("omniglot", root, "train")``.
@@ -156,6 +159,9 @@ class EpisodeSampler(_PureSampler):
         seed: seed of the episode streams.
         augment: optional :class:`~bilevel.data.augment.Augmentation` applied to support and
             query images (on [0, 1] floats, before mean/std); use it on training splits.
+        within_alphabet: draw the N classes of every episode from one alphabet; needs the
+            dataset's per-class alphabets (``metadata["class_alphabets"]``, set by the Omniglot
+            loader) and at least N classes in every alphabet of the split.
 
     Example:
         >>> sampler = EpisodeSampler(train, ways=5, shots=1, queries=15, meta_batch=4)
@@ -172,6 +178,7 @@ class EpisodeSampler(_PureSampler):
         meta_batch: int = 1,
         seed: int = 0,
         augment: Augmentation | None = None,
+        within_alphabet: bool = False,
     ) -> None:
         if not isinstance(dataset, FewShotDataset):
             raise TypeError(
@@ -201,6 +208,8 @@ class EpisodeSampler(_PureSampler):
                 f"{dataset.class_names[c]!r} of {where} has only {smallest} examples "
                 f"(every class needs at least {need})"
             )
+        self.within_alphabet = bool(within_alphabet)
+        self._alphabets = _alphabet_classes(dataset, ways, where) if self.within_alphabet else None
         self._counts = counts
         self._order = torch.argsort(dataset.labels.cpu(), stable=True)
         self._offsets = torch.cumsum(counts, 0) - counts
@@ -208,11 +217,16 @@ class EpisodeSampler(_PureSampler):
         self._uniform = smallest == self._max
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "ways": self.ways, "shots": self.shots, "queries": self.queries}
+        return {**super()._config(), "ways": self.ways, "shots": self.shots, "queries": self.queries,
+                "within_alphabet": self.within_alphabet}
 
     def _plan_one(self, g: torch.Generator) -> tuple[Tensor, Tensor]:
         n, k = self.ways, self.shots + self.queries
-        classes = torch.randperm(self.dataset.n_classes, generator=g)[:n]
+        if self._alphabets is None:
+            classes = torch.randperm(self.dataset.n_classes, generator=g)[:n]
+        else:
+            members = self._alphabets[int(torch.randint(len(self._alphabets), (1,), generator=g))]
+            classes = members[torch.randperm(members.numel(), generator=g)[:n]]
         keys = torch.rand(n, self._max, generator=g)
         if not self._uniform:
             keys.masked_fill_(torch.arange(self._max) >= self._counts[classes, None], 2.0)
@@ -271,6 +285,27 @@ class EpisodeSampler(_PureSampler):
         sy = labels.repeat_interleave(k).expand(b, n * k).contiguous()
         qy = labels.repeat_interleave(q).expand(b, n * q).contiguous()
         return Episodes(xs[0], sy, xs[1], qy)
+
+
+def _alphabet_classes(dataset: FewShotDataset, ways: int, where: str) -> list[Tensor]:
+    """The class ids of every alphabet of ``dataset`` (sorted by alphabet name), each with >= ``ways`` classes."""
+    alphabets = dataset.metadata.get("class_alphabets")
+    if alphabets is None:
+        raise ValueError(f"within_alphabet=True (--within-alphabet) draws the classes of an episode from one alphabet, "
+                         f"but the classes of {where} carry no alphabet (metadata 'class_alphabets'; the Omniglot "
+                         "loader provides it)")
+    if len(alphabets) != dataset.n_classes:
+        raise ValueError(f"{where}: metadata 'class_alphabets' has {len(alphabets)} entries for {dataset.n_classes} classes")
+    groups: dict[str, list[int]] = {}
+    for c, a in enumerate(alphabets):
+        groups.setdefault(str(a), []).append(c)
+    small = {a: len(cs) for a, cs in sorted(groups.items()) if len(cs) < ways}
+    if small:
+        listing = ", ".join(f"{a!r} ({m})" for a, m in small.items())
+        raise ValueError(f"within_alphabet=True with ways={ways}: {where} has alphabets with fewer than {ways} classes: "
+                         f"{listing} (classes are characters, 4 per character with rotations). Every alphabet of the "
+                         "split must have at least N classes: lower --ways, or use --rotations")
+    return [torch.tensor(cs) for _, cs in sorted(groups.items())]
 
 
 class SinusoidSampler(_PureSampler):
@@ -341,14 +376,17 @@ def make_sampler(
     meta_batch: int = 1,
     seed: int = 0,
     augment: Augmentation | None = None,
+    within_alphabet: bool = False,
 ) -> EpisodeSampler | SinusoidSampler:
     """The right sampler for ``dataset``: :class:`EpisodeSampler` or :class:`SinusoidSampler`
-    (``ways`` must then be None or 1, ``augment`` None)."""
+    (``ways`` must then be None or 1, ``augment`` None, ``within_alphabet`` False)."""
     if isinstance(dataset, SinusoidTasks):
         if ways not in (None, 1) or augment is not None:
             raise ValueError("sinusoid regression episodes take no ways (or ways=1) and no augment")
+        if within_alphabet:
+            raise ValueError("within_alphabet=True (--within-alphabet) needs classes with alphabets; sinusoid tasks have none")
         return SinusoidSampler(dataset, shots, queries, meta_batch, seed)
     if ways is None:
         raise ValueError("ways is required for classification datasets")
-    return EpisodeSampler(dataset, ways, shots, queries, meta_batch, seed, augment)
+    return EpisodeSampler(dataset, ways, shots, queries, meta_batch, seed, augment, within_alphabet)
 

@@ -106,18 +106,19 @@ class RunLog:
         self.close()
 
 
-def replay_warnings(caught: list[warnings.WarningMessage], warned_inexact: bool, iteration: int) -> bool:
-    """Re-emit the warnings one training iteration recorded; an inexact-hypergradient warning only the
-    first time in a run (``warned_inexact`` says whether it was shown). Returns the new ``warned_inexact``."""
-    from bilevel.hypergrad import InexactHypergradientWarning
+def replay_warnings(caught: list[warnings.WarningMessage], seen: frozenset[tuple[Any, ...]], iteration: int
+                    ) -> frozenset[tuple[Any, ...]]:
+    """Re-emit the warnings one training iteration recorded, each kind once per run.
 
+    A kind is (category, file, line) — the same warning about another task or iteration differs
+    only in its numbers, and the residuals of every logged iteration are in ``log.csv``. ``seen``
+    holds the kinds shown so far in the run; the updated set is returned.
+    """
     for w in caught:
-        if issubclass(w.category, InexactHypergradientWarning):
-            if warned_inexact:
-                continue
-            warned_inexact = True
-            warnings.warn(f"meta-iteration {iteration}: {w.message} (shown once per run; log.csv records the worst "
-                          "residuals of every logged iteration)", InexactHypergradientWarning, stacklevel=3)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return warned_inexact
+        key = (w.category, w.filename, w.lineno)
+        if key in seen:
+            continue
+        seen = seen | {key}
+        warnings.warn(f"meta-iteration {iteration}: {w.message} (each kind of warning is shown once per run; log.csv "
+                      "records the worst implicit residuals of every logged iteration)", w.category, stacklevel=3)
+    return seen

@@ -39,7 +39,6 @@ from bilevel.data.synthetic import seed_from
 from bilevel.distributed import broadcast_module, broadcast_object, init_from_env, leave_group, on_rank0
 from bilevel.distributed import world as _world
 from bilevel.evaluation import evaluate_learner, evaluate_model
-from bilevel.hypergrad import InexactHypergradientWarning
 from bilevel.io import read_torch_file, save_learner
 from bilevel.learner import MetaLearner
 from bilevel.options import OptionError
@@ -222,7 +221,7 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
 
         bar = tqdm(total=cfg.iterations, initial=state.iteration, desc=f"train {type(learner).__name__}", dynamic_ncols=True)
     checkpointed = state.iteration or None
-    warned_inexact = False
+    warned: frozenset[tuple[Any, ...]] = frozenset()
     t_start, elapsed0 = time.perf_counter(), state.elapsed
     last_val: dict[str, Any] | None = None
     metric_name = "mse" if learner.task == "regression" else "acc"
@@ -233,9 +232,9 @@ def _loop(learner: MetaLearner, params: list[Tensor], opt: torch.optim.Optimizer
             samplers.train.iteration = it
             episodes = samplers.train.sample(it, indices=share).to(device)
             with collect_solve_info() as infos, warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", InexactHypergradientWarning)
+                warnings.simplefilter("always")
                 stats = meta_gradient(learner, episodes, params, threads)
-            warned_inexact = replay_warnings(caught, warned_inexact, it + 1)
+            warned = replay_warnings(caught, warned, it + 1)
             if not math.isfinite(float(stats[0])):  # the mean over all ranks: every rank stops here
                 what = ("an inner loss is not finite" if math.isinf(float(stats[0])) and math.isnan(float(stats[1]))
                         else f"the meta-loss is {float(stats[0])}")

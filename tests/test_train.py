@@ -213,6 +213,7 @@ def test_fit_logs_implicit_residuals_and_warns_once(tmp_path):
                         tensorboard=False))
     inexact = [w for w in caught if issubclass(w.category, InexactHypergradientWarning)]
     assert len(inexact) == 1 and "shown once per run" in str(inexact[0].message)
+    assert len(caught) == len({(w.category, str(w.message)[:40]) for w in caught})  # every kind once
     rows = [r for r in csv.DictReader(open(tmp_path / "log.csv")) if r["split"] == "train"]
     assert len(rows) == 2 and all(0.001 < float(r["optimality"]) < 1 for r in rows)
     assert all(0 <= float(r["linear_residual"]) < 1 for r in rows)

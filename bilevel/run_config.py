@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from bilevel import options as opts
 from bilevel.data import SinusoidTasks, available_datasets, load_splits, make_sampler
 from bilevel.data.augment import AUGMENTATIONS, make_augmentation
+from bilevel.data.omniglot import parse_holdout
 from bilevel.data.transforms import example_shape as _example_shape
 from bilevel.options import OptionError, option
 
@@ -43,7 +44,11 @@ class DataConfig:
     rotations: bool | None = option(None, help="Omniglot: 90° rotations as new classes.")
     split_by: str | None = option(None, help="Omniglot class split.", choices=("alphabet", "character"))
     within_alphabet: bool = option(False, help="Validation and test episodes draw their N classes from one alphabet "
-                                   "(Omniglot; Lake et al. 2015's within-alphabet protocol); training episodes do not.")
+                                   "(Omniglot; Lake et al. 2015's within-alphabet protocol); training episodes do not. "
+                                   "With --holdout only the test episodes do.")
+    holdout: str | None = option(None, help="Omniglot, with --split-by alphabet: k/n trains on all alphabets but those "
+                                 "of fold k of n (0-based; seeded) and tests on those; validation holds 20% of the "
+                                 "training alphabets' characters (e.g. --holdout 0/4: 6 alphabets train, 2 test).")
     options: dict[str, Any] = option(default_factory=dict, help="Other dataset options (Python only).", cli=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +60,13 @@ class DataConfig:
         if (self.rotations is not None or self.split_by is not None) and self.dataset != "omniglot":
             raise OptionError("rotations" if self.rotations is not None else "split_by",
                               "--rotations/--split-by apply to --dataset omniglot only")
+        if self.holdout is not None:
+            if self.split_by != "alphabet":
+                raise OptionError("holdout", "--holdout holds out whole alphabets: add --split-by alphabet")
+            try:
+                parse_holdout(self.holdout)
+            except ValueError as e:
+                raise OptionError("holdout", str(e)) from None
 
     def dataset_options(self) -> dict[str, Any]:
         out = dict(self.options)
@@ -62,6 +74,8 @@ class DataConfig:
             out["rotations"] = self.rotations
         if self.split_by is not None:
             out["split_by"] = self.split_by
+        if self.holdout is not None:
+            out["holdout"] = self.holdout
         return out
 
 
@@ -147,7 +161,7 @@ def build_samplers(data: DataConfig, seed: int, splits: tuple[str, ...] = ("trai
         else:  # evaluation streams are indexed by episode (meta_batch 1): independent of --meta-batch
             out[split] = make_sampler(ds[split], ways=ways, shots=data.shots, queries=data.queries,
                                       meta_batch=1, seed=seed + {"val": 1, "test": 2}[split],
-                                      within_alphabet=data.within_alphabet)
+                                      within_alphabet=data.within_alphabet and (split == "test" or not data.holdout))
     spec = first.transform
     shape = list(_example_shape(spec)) if not regression else [1]
     return Samplers(out.get("train"), out.get("val"), out.get("test"), shape, dict(spec),

@@ -235,3 +235,88 @@ def test_real_alphabet_split(real_root, real_splits, tmp_path):
     assert sorted(a for al in alph for a in al) == sorted(
         ["Balinese", "Early_Aramaic", "Greek", "Japanese_(katakana)", "Korean", "Latin",
          "Sanskrit", "Tagalog"])
+
+
+# ------------------------------------------------ holdout folds (transfer to unseen alphabets)
+
+FOLDS = {"images_background": {"Alpha": 5, "Beta": 6, "Gamma": 4, "Delta": 5}}
+
+
+@pytest.fixture
+def four_alphabets(tmp_path):
+    root = tmp_path / "data"
+    (root / "omniglot-py").mkdir(parents=True)
+    _write_set(root / "omniglot-py", "images_background", FOLDS["images_background"], np.random.default_rng(1))
+    return root
+
+
+def test_holdout_folds_partition_the_alphabets_and_validation_stays_on_training_alphabets(four_alphabets):
+    seen = []
+    for k in range(2):
+        sp = load_splits("omniglot", four_alphabets, split_by="alphabet", holdout=f"{k}/2", cache=False)
+        train, val, test = (set(sp[s].metadata["alphabets"]) for s in ("train", "val", "test"))
+        assert len(test) == 2 and not test & train and val == train and train | test == set(FOLDS["images_background"])
+        names = [set(sp[s].class_names) for s in ("train", "val", "test")]
+        assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+        for a in train:  # 20% of each training alphabet's characters (at least one) validate
+            n = FOLDS["images_background"][a]
+            assert sum(c.startswith(a + "/") for c in names[1]) == max(1, round(0.2 * n))
+        assert sp["test"].metadata["holdout"] == f"{k}/2"
+        seen.append(test)
+        again = load_splits("omniglot", four_alphabets, split_by="alphabet", holdout=f"{k}/2", cache=False)
+        assert all(again[s].class_names == sp[s].class_names for s in sp)  # deterministic
+    assert seen[0] | seen[1] == set(FOLDS["images_background"])
+    other = load_splits("omniglot", four_alphabets, ["test"], split_by="alphabet", holdout="0/2", split_seed=5,
+                        cache=False)
+    four = [set(load_splits("omniglot", four_alphabets, ["test"], split_by="alphabet", holdout=f"{k}/4",
+                            cache=False)["test"].metadata["alphabets"]) for k in range(4)]
+    assert sorted(len(a) for a in four) == [1, 1, 1, 1] and set.union(*four) == set(FOLDS["images_background"])
+    assert isinstance(other["test"].metadata["alphabets"], list)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"holdout": "0/2"}, "needs split_by='alphabet'"),
+    ({"holdout": "2/2", "split_by": "alphabet"}, "0 <= k < n"),
+    ({"holdout": "first", "split_by": "alphabet"}, "must be 'k/n'"),
+    ({"holdout": "0/5", "split_by": "alphabet"}, "only 4 alphabets to deal into 5 folds"),
+    ({"holdout": "0/2", "split_by": "alphabet", "holdout_val": 1.0}, r"holdout_val must be in \(0, 1\)"),
+    ({"holdout": "0/2", "split_by": "alphabet", "holdout_val": 0.95}, "leaves none to train on"),
+])
+def test_holdout_errors(four_alphabets, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_splits("omniglot", four_alphabets, cache=False, **kwargs)
+
+
+def test_holdout_option_names_itself():
+    from bilevel.options import OptionError
+    from bilevel.run_config import DataConfig
+
+    with pytest.raises(OptionError, match="add --split-by alphabet"):
+        DataConfig(dataset="omniglot", holdout="0/4")
+    with pytest.raises(OptionError, match="0 <= k < n"):
+        DataConfig(dataset="omniglot", split_by="alphabet", holdout="4/4")
+    assert DataConfig(dataset="omniglot", split_by="alphabet", holdout="1/4").dataset_options()["holdout"] == "1/4"
+
+
+@pytest.mark.integration
+def test_real_holdout_folds_train_on_six_alphabets(real_root):
+    """The protocol of the few-shot transfer table: folds 0 and 1 of 4 hold out Greek + Korean and Balinese + Latin."""
+    from bilevel.run_config import DataConfig, build_samplers
+
+    tests = []
+    for k in range(4):
+        sp = load_splits("omniglot", real_root, split_by="alphabet", holdout=f"{k}/4", cache=False)
+        assert len(sp["train"].metadata["alphabets"]) == 6 and len(sp["test"].metadata["alphabets"]) == 2
+        tests.append(sp["test"].metadata["alphabets"])
+    assert tests[:2] == [["Greek", "Korean"], ["Balinese", "Latin"]]
+    assert sorted(a for t in tests for a in t) == sorted(
+        ["Balinese", "Early_Aramaic", "Greek", "Japanese_(katakana)", "Korean", "Latin", "Sanskrit", "Tagalog"])
+    data = DataConfig(dataset="omniglot", data_root=str(real_root.parent), split_by="alphabet", holdout="0/4",
+                      rotations=True, ways=20, shots=1, queries=1, within_alphabet=True)
+    s = build_samplers(data, seed=0)
+    assert s.test.within_alphabet and not s.val.within_alphabet and not s.train.within_alphabet
+    names = s.test.dataset.class_names
+    for e in range(6):
+        plan = s.test.plan(e)
+        assert len({names[c].split("/")[0] for c in plan.classes[0].tolist()}) == 1
+        assert not set(plan.support[0].tolist()) & set(plan.query[0].tolist())

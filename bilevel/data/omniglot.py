@@ -148,6 +148,41 @@ def _assign(units: list[str], fractions: Sequence[float], seed: int, what: str
     return out
 
 
+def parse_holdout(text: str) -> tuple[int, int]:
+    """``"k/n"`` -> ``(k, n)`` with ``0 <= k < n`` and ``n >= 2``; ValueError naming the text otherwise."""
+    try:
+        k, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"holdout must be 'k/n' (fold k of n, 0-based, e.g. 0/4), got {text!r}") from None
+    if not (n >= 2 and 0 <= k < n):
+        raise ValueError(f"holdout {text!r}: need n >= 2 folds and 0 <= k < n")
+    return k, n
+
+
+def _holdout_splits(chars: list[str], alphabet_of_char: list[str], fold: tuple[int, int], val: float,
+                    seed: int) -> list[str]:
+    """The split of every character under ``holdout=k/n`` (see :func:`load_omniglot`)."""
+    k, n = fold
+    alphabets = sorted(set(alphabet_of_char))
+    if len(alphabets) < n:
+        raise ValueError(f"holdout {k}/{n}: only {len(alphabets)} alphabets to deal into {n} folds")
+    perm = torch.randperm(len(alphabets), generator=torch.Generator().manual_seed(seed)).tolist()
+    test = {alphabets[j] for pos, j in enumerate(perm) if pos % n == k}
+    out = ["test" if a in test else "train" for a in alphabet_of_char]
+    g = torch.Generator().manual_seed(seed + 1)
+    for a in alphabets:
+        if a in test:
+            continue
+        members = [i for i, b in enumerate(alphabet_of_char) if b == a]  # chars are sorted: deterministic
+        n_val = max(1, round(val * len(members)))
+        if n_val >= len(members):
+            raise ValueError(f"holdout {k}/{n}: alphabet {a!r} has {len(members)} characters; holdout_val={val} "
+                             "leaves none to train on")
+        for j in torch.randperm(len(members), generator=g)[:n_val].tolist():
+            out[members[j]] = "val"
+    return out
+
+
 @register_dataset("omniglot")
 def load_omniglot(
     root: Path,
@@ -159,6 +194,8 @@ def load_omniglot(
     split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
     split_seed: int = 0,
     rotations: bool = False,
+    holdout: str | None = None,
+    holdout_val: float = 0.2,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     download: bool = False,
@@ -181,6 +218,14 @@ def load_omniglot(
         split_seed: seed of the deterministic assignment.
         rotations: add the 90, 180, 270 degree rotations of every character as new classes in
             the same split (MAML, ProtoNets); classes are ordered ``char*4 + k``.
+        holdout: ``"k/n"`` -- the cross-validation protocol of transfer to unseen alphabets
+            (needs ``split_by="alphabet"``; replaces ``split_fractions``): the alphabets, in a
+            seeded permutation of their sorted names (``split_seed``), are dealt into ``n``
+            folds; fold ``k``'s alphabets (0-based) are the test split, every other alphabet
+            trains. Validation holds ``holdout_val`` of each training alphabet's characters
+            (seeded; at least one): it selects the best state on the training alphabets and
+            never sees a test alphabet.
+        holdout_val: fraction of each training alphabet's characters held out for validation.
         cache: memoise the decoded tensors in ``cache_dir`` (default
             :func:`bilevel.data.default_cache_dir`) so that later loads skip PNG decoding.
         download: explicitly fetch ``images_background``/``images_evaluation`` with torchvision
@@ -194,6 +239,11 @@ def load_omniglot(
     """
     if split_by not in ("character", "alphabet"):
         raise ValueError(f"split_by must be 'character' or 'alphabet', got {split_by!r}")
+    fold = parse_holdout(holdout) if holdout is not None else None
+    if fold is not None and split_by != "alphabet":
+        raise ValueError(f"holdout={holdout!r} holds out whole alphabets: it needs split_by='alphabet'")
+    if fold is not None and not 0 < holdout_val < 1:
+        raise ValueError(f"holdout_val must be in (0, 1), got {holdout_val}")
     found = _find_sets(root)
     if download and not all(s in found for s in _FULL):
         from torchvision.datasets import Omniglot
@@ -244,9 +294,11 @@ def load_omniglot(
     if split_by == "character":
         where = _assign(chars, split_fractions, split_seed, "characters")
         split_of_char = [where[c] for c in chars]
-    else:
+    elif fold is None:
         where = _assign(sorted(set(alphabet_of_char)), split_fractions, split_seed, "alphabets")
         split_of_char = [where[a] for a in alphabet_of_char]
+    else:
+        split_of_char = _holdout_splits(chars, alphabet_of_char, fold, holdout_val, split_seed)
 
     out: dict[str, FewShotDataset] = {}
     for s in splits:
@@ -278,6 +330,7 @@ def load_omniglot(
                 "rotations": rotations,
                 "split_by": split_by,
                 "split_seed": split_seed,
+                **({"holdout": f"{fold[0]}/{fold[1]}", "holdout_val": holdout_val} if fold else {}),
             },
         )
     return out

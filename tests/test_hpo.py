@@ -243,6 +243,11 @@ def test_apply_hypergradient_checks_its_input():
 #: the same seeds give the same numbers. The implicit runs use that loop's rule, one inner run of T steps per
 #: hyper-step: a tol that no residual reaches keeps the certified loop from continuing (tol never changed the
 #: numbers, only the warnings). Checked there with ==; compared here to 1e-5 so that another CPU's kernels pass.
+#: The two implicit runs stop CG after 20 / 30 iterations, far from converged (that is what they record), and
+#: an unconverged CG amplifies another CPU's float32 rounding over 4 hyper-steps: on the CI machine (2026-12-01)
+#: they differed by 5.2e-5 (l2) and 1.45e-2 (clean: F1 counts one example differently). Their tolerance is
+#: 3e-2, still tighter than what a different hypergradient does to them (reverse instead: 4% to 12% apart).
+TOLERANCE = {"l2-implicit-cg:30": 3e-2, "clean-implicit-cg:20": 3e-2}
 RECORDED = {
     "l2-implicit-cg:30": [0.49175894260406494, 0.4151397943496704, -3.1741809844970703, -2.8258016109466553],
     "l2-reverse": [0.5114949941635132, 0.4327278435230255, -3.1737241744995117, -2.8257806301116943],
@@ -282,7 +287,7 @@ def test_explicit_state_gives_the_recorded_results(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error", InexactHypergradientWarning)
         got = _recorded_run(name)
-    assert got == pytest.approx(RECORDED[name], rel=1e-5, abs=1e-7)
+    assert got == pytest.approx(RECORDED[name], rel=TOLERANCE.get(name, 1e-5), abs=1e-7)
 
 
 def _floats(rows: list[dict[str, str]], key: str) -> list[float]:

@@ -164,9 +164,11 @@ def test_adam_inner_solver_and_params(gen, f64) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:CG. non-positive curvature:RuntimeWarning")  # (the same truth, per task)
+@pytest.mark.filterwarnings("ignore:meta-iteration .*CG. non-positive curvature:RuntimeWarning")
 def test_cli_trains_on_the_sinusoid_and_the_model_predicts(tmp_path) -> None:
     """5 inner steps of size 0.01 do not solve the proximal problem of a ReLU network on a sinusoid: the
-    training loop says so (once) and log.csv records the residuals."""
+    training loop says so (once) and log.csv records the residuals. (Whether CG also meets negative
+    curvature of the unsolved problem depends on the CPU's rounding; that true warning is not asserted.)"""
     out = tmp_path / "run"
     with pytest.warns(InexactHypergradientWarning, match="Optimality residual"):
         r = CliRunner().invoke(main, ["imaml", "train", "--dataset", "sinusoid", "--shots", "5", "--queries", "5",

@@ -42,7 +42,7 @@ def step_higher(learner, ep) -> list[torch.Tensor]:
 
     net = learner.net
     names = [k for k, _ in net.named_parameters()]
-    opt = torch.optim.SGD([{"params": [p]} for p in net.parameters()], lr=learner.inner_lr)
+    opt = torch.optim.SGD([{"params": [p]} for p in net.parameters()], lr=learner.config.inner_lr)
     if isinstance(learner, MetaSGD):
         kwargs = {"override": {"lr": [learner.alpha[param_key(k)] for k in names]}}
     else:

@@ -160,10 +160,18 @@ def test_disk_full_is_a_run_error_and_the_checkpoint_resumes_exactly(tmp_path, t
 
 
 # --------------------------------------------------------------------------- interrupts and divergence
+def _as_in_a_terminal() -> None:
+    """SIGINT back to its default in the child, as for a command run in a terminal's foreground: a test
+    runner started in the background by a shell without job control inherits SIGINT *ignored*, and Python
+    then keeps ignoring it (so the run would never see the Ctrl-C this test sends)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "bilevel.cli", "maml", "train", *SIN, "--iterations", "100000", "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_in_a_terminal)
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.05)

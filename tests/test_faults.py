@@ -177,7 +177,10 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
         time.sleep(0.05)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # no-op once it has exited; never leave a run going if the interrupt was not honoured
     assert proc.returncode == 130, err
     assert f"The last checkpoint is {out / 'checkpoint.pt'}" in err and "--resume" in err and "Traceback" not in err, err
     assert not (out / ".lock.json").exists()

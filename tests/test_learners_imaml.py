@@ -163,8 +163,8 @@ def test_adam_inner_solver_and_params(gen, f64) -> None:
     torch.testing.assert_close(_flat(grads_of(loss, m)), want_grad, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.filterwarnings("ignore:CG. non-positive curvature:RuntimeWarning")  # (the same truth, per task)
-@pytest.mark.filterwarnings("ignore:meta-iteration .*CG. non-positive curvature:RuntimeWarning")
+# CG's negative-curvature warning, per task and as the training loop repeats it ("meta-iteration k: CG: ...")
+@pytest.mark.filterwarnings("ignore:(meta-iteration .*)?CG. non-positive curvature:RuntimeWarning")
 def test_cli_trains_on_the_sinusoid_and_the_model_predicts(tmp_path) -> None:
     """5 inner steps of size 0.01 do not solve the proximal problem of a ReLU network on a sinusoid: the
     training loop says so (once) and log.csv records the residuals. (Whether CG also meets negative
